@@ -1,0 +1,173 @@
+"""The user-facing entry points: ``load()`` and ``generate()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import DMSConfig, ModelConfig
+from .hub import EmbeddedModel, resolve
+from .models.decoder import DecoderLM
+from .models.loading import load_model
+from .reference_runtime.generate import RequestOutput, generate_reference
+from .sampling import SamplingParams
+from .stats import GenerationStats
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to generate: the network, its tokenizer (or None) and where it came from."""
+
+    model: DecoderLM
+    tokenizer: Any
+    name: str
+    path: Path
+    embedded: EmbeddedModel | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype: expected one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+
+
+def _device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but no CUDA device is available")
+    return dev
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = "cpu",
+    dms: DMSConfig | dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load a model by embedded name (``"smollm2-135m-instruct"``), local folder or ``.gguf`` file.
+
+    ``dms`` gives or overrides the DMS settings (a :class:`DMSConfig`, or a dict with keys
+    like ``{"dms_window_size": 256}``); a checkpoint without ``dms_*`` keys loads as vanilla.
+    """
+    path, embedded = resolve(str(name_or_path))
+    model, _ = load_model(path, dtype=_dtype(dtype), device=_device(device), dms=dms)
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), path=path, embedded=embedded)
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    outputs: list[RequestOutput]
+    stats: GenerationStats
+    texts: list[str | None] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "texts": self.texts,
+            "token_ids": self.token_ids,
+            "finish_reasons": [o.finish_reason for o in self.outputs],
+            "stats": self.stats.to_dict(),
+        }
+
+
+def encode_prompts(lm: LoadedModel, prompts, chat: bool | None) -> list[list[int]]:
+    """Strings (optionally through the chat template) or lists of token ids -> token id lists."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts: expected a non-empty list of strings or of token-id lists")
+    out: list[list[int]] = []
+    vocab = lm.config.vocab_size
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if lm.tokenizer is None:
+                raise ValueError(f"prompts[{i}]: text needs a tokenizer, and {lm.name!r} has none; pass token ids")
+            use_chat = chat if chat is not None else bool(lm.tokenizer.chat_template)
+            if use_chat:
+                if not lm.tokenizer.chat_template:
+                    raise ValueError(f"chat: {lm.name!r} has no chat template")
+                text = lm.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = lm.tokenizer(p)["input_ids"]
+        elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {vocab}), got {bad[:4]}")
+        else:
+            raise ValueError(f"prompts[{i}]: expected a string or a list of ints, got {type(p).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{i}]: the prompt is empty after tokenization")
+        out.append(ids)
+    return out
+
+
+def generate(
+    model: LoadedModel,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    params: SamplingParams | None = None,
+    *,
+    chat: bool | None = None,
+    backend: str = "reference",
+    **sampling: Any,
+) -> GenerationResult:
+    """Generate for a batch of prompts.
+
+    ``prompts``: strings (wrapped in the chat template when the model has one, unless
+    ``chat=False``) or token-id lists. Sampling settings come as a :class:`SamplingParams`
+    or as keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+    ``stop``, ``stop_token_ids``, ``ignore_eos``).
+    """
+    if not isinstance(model, LoadedModel):
+        raise ValueError(f"model: expected what dms_runtime.load() returns, got {type(model).__name__}")
+    if params is None:
+        params = SamplingParams(**sampling)
+    elif sampling:
+        raise ValueError(f"pass sampling settings either as params or as keywords, not both: {sorted(sampling)}")
+    if backend != "reference":
+        raise ValueError(f"backend: expected 'reference', got {backend!r}")
+    ids = encode_prompts(model, prompts, chat)
+    ctx = model.config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + params.max_new_tokens > ctx:
+            raise ValueError(
+                f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens={params.max_new_tokens} exceed the model's "
+                f"context of {ctx} tokens"
+            )
+    outputs, stats = generate_reference(model.model, ids, params, eos_ids=model.eos_ids, tokenizer=model.tokenizer)
+    return GenerationResult(
+        outputs=outputs,
+        stats=stats,
+        texts=[o.text for o in outputs],
+        token_ids=[o.token_ids for o in outputs],
+    )

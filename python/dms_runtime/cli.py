@@ -1,0 +1,92 @@
+"""``dms`` command line: ``dms generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text for one or more prompts")
+    p.add_argument("prompts", nargs="*", help="prompts (also --prompt, repeatable)")
+    p.add_argument("--prompt", "-p", action="append", default=[], dest="more_prompts")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"embedded name, model folder or .gguf file (default {DEFAULT_MODEL})")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dms-window", type=int, default=None, help="give or override the DMS delay window")
+    p.add_argument("--no-eviction", action="store_true", help="run a DMS model with eviction off")
+    p.add_argument("--backend", default="reference", choices=["reference"])
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def _generate(args) -> int:
+    import dms_runtime as dr
+
+    prompts = list(args.prompts) + list(args.more_prompts)
+    if not prompts:
+        print("dms generate: give at least one prompt (positional or --prompt)", file=sys.stderr)
+        return 2
+    dms = {}
+    if args.dms_window is not None:
+        dms["dms_window_size"] = args.dms_window
+    if args.no_eviction:
+        dms["dms_disable_eviction"] = True
+    lm = dr.load(args.model, dtype=args.dtype, device=args.device, dms=dms or None)
+    result = dr.generate(
+        lm,
+        prompts,
+        chat=False if args.no_chat else None,
+        backend=args.backend,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    notice = None
+    if not lm.config.dms_active:
+        reason = "its DMS retrofit does not exist yet" if lm.config.dms is None else "eviction was switched off"
+        notice = f"{args.model}: {reason}; running with eviction off (a dense cache)."
+    if args.json:
+        out = {"model": args.model, "prompts": prompts, **result.to_dict(), "notice": notice}
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    if notice:
+        print(f"note: {notice}")
+    for prompt, text in zip(prompts, result.texts):
+        print(f"\n>>> {prompt}\n{text}")
+    print()
+    print(result.stats.line())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dms", description="Dynamic Memory Sparsification runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
+        print(f"dms {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

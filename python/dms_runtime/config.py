@@ -1,0 +1,128 @@
+"""Model and DMS settings: defined, validated and documented in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Keys released DMS checkpoints put in config.json, with our defaults.
+DMS_KEYS = {
+    "dms_window_size": ("window_size", 256),
+    "dms_alpha_scale": ("alpha_scale", 100.0),
+    "dms_initial_alpha_offset": ("initial_alpha_offset", 5.0),
+    "dms_cr": ("cr", None),
+    "dms_separate_alpha": ("separate_alpha", False),
+    "dms_alpha_per": ("alpha_per", "head"),
+    "dms_tau": ("tau", 0.1),
+    "dms_disable_eviction": ("disable_eviction", False),
+}
+
+
+@dataclass(slots=True)
+class DMSConfig:
+    """How a model decides and delays eviction (see the semantics document).
+
+    window_size: the delay window ``w``: an evicted key stays visible to queries ``j .. j + w``.
+    alpha_scale / initial_alpha_offset: ``logit = scale * raw - offset``.
+    cr: the compression ratio the checkpoint was trained for (informational).
+    separate_alpha: False = borrowed neuron (last q channel of each group's first head);
+        True = a small adapter (own RMSNorm + Linear H -> Hkv) on the residual stream.
+    alpha_per: "head" (each KV head decides) or "layer" (KV head 0 decides for all).
+    tau: Gumbel-sigmoid temperature used in training.
+    disable_eviction: behave as the vanilla model.
+    """
+
+    window_size: int = 256
+    alpha_scale: float = 100.0
+    initial_alpha_offset: float = 5.0
+    cr: float | None = None
+    separate_alpha: bool = False
+    alpha_per: str = "head"
+    tau: float = 0.1
+    disable_eviction: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        w = self.window_size
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"dms_window_size: expected an int >= 1, got {w!r}")
+        if self.alpha_per not in ("head", "layer"):
+            raise ValueError(f"dms_alpha_per: expected 'head' or 'layer', got {self.alpha_per!r}")
+        if not self.tau > 0:
+            raise ValueError(f"dms_tau: expected a positive number, got {self.tau!r}")
+        if self.cr is not None and not self.cr >= 1:
+            raise ValueError(f"dms_cr: expected a number >= 1, got {self.cr!r}")
+
+    @property
+    def evicts(self) -> bool:
+        return not self.disable_eviction
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "DMSConfig | None":
+        """Read the ``dms_*`` keys of a config.json; None when there are none (a vanilla model).
+
+        Unknown ``dms_*`` keys (block size, chunked prefill, preallocation, ...) are kept in
+        ``extra`` and otherwise ignored.
+        """
+        present = {k: v for k, v in raw.items() if k.startswith("dms_")}
+        if not present:
+            return None
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in present.items():
+            if key in DMS_KEYS:
+                if value is not None:
+                    kwargs[DMS_KEYS[key][0]] = value
+            else:
+                extra[key] = value
+        if "window_size" in kwargs:
+            ws = kwargs["window_size"]
+            if isinstance(ws, float) and ws.is_integer():
+                kwargs["window_size"] = int(ws)
+        return cls(extra=extra, **kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = {hf: getattr(self, ours) for hf, (ours, _) in DMS_KEYS.items()}
+        out.update(self.extra)
+        return out
+
+    def replace(self, **changes) -> "DMSConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The architecture of a Llama-family decoder (Llama 3.x, Qwen2/2.5, Qwen3)."""
+
+    arch: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None  # None, or {"rope_type": "linear" | "llama3", ...}
+    attention_bias: bool  # q/k/v projections have a bias (always for Qwen2)
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dms: DMSConfig | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def dms_active(self) -> bool:
+        return self.dms is not None and self.dms.evicts

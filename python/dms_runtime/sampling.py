@@ -1,0 +1,86 @@
+"""Sampling parameters and the token sampler (greedy, temperature, top-k, top-p, seeded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick and when to stop.
+
+    temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters. ``seed`` makes
+    sampling reproducible: request ``i`` of a call draws from its own generator seeded ``seed + i``.
+    Generation stops at an EOS token (unless ``ignore_eos``), a token of ``stop_token_ids``,
+    a string of ``stop`` (the text is cut before it), or after ``max_new_tokens``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop: expected non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Draws one token per request from float logits ``[V]``; one generator per request."""
+
+    def __init__(self, params: SamplingParams, num_requests: int):
+        self.params = params
+        self.generators: list[torch.Generator | None] = []
+        for i in range(num_requests):
+            if params.greedy:
+                self.generators.append(None)
+            else:
+                g = torch.Generator(device="cpu")
+                if params.seed is None:
+                    g.seed()
+                else:
+                    g.manual_seed(params.seed + i)
+                self.generators.append(g)
+
+    def __call__(self, request: int, logits: torch.Tensor) -> int:
+        p = self.params
+        x = logits.detach().float().cpu()
+        if p.greedy:
+            return int(torch.argmax(x))
+        x = x / p.temperature
+        if p.top_k and p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
+            drop = before >= p.top_p
+            drop[0] = False
+            x = x.clone()
+            x[order[drop]] = float("-inf")
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generators[request]))
