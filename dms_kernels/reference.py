@@ -195,6 +195,8 @@ def _masked_attention(q, k, v, visible, scale):
     probs = torch.softmax(scores, dim=-1)
     # A row with no visible key (possible in tests, or for padding) returns zeros, not NaN.
     probs = torch.where(vis.any(-1, keepdim=True), probs, torch.zeros((), dtype=dt, device=q.device))
+    # Keys no query sees (evicted, past the length) must not leak NaN/inf garbage through 0 * x.
+    vx = vx.masked_fill(~vis.any(-2)[..., None], 0.0)
     return torch.matmul(probs, vx).to(q.dtype)
 
 

@@ -1,0 +1,38 @@
+"""``dms generate`` prints answers and a stats line, or JSON; bad input exits 2 with a message."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dms_runtime.cli import main
+
+
+def test_generate_json(tiny_with_tokenizer, capsys):
+    rc = main(["generate", "--model", str(tiny_with_tokenizer), "--json", "-n", "5", "--ignore-eos",
+               "--prompt", "Hi", "A second, longer prompt"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["texts"]) == 2 and all(len(ids) == 5 for ids in out["token_ids"])
+    assert out["stats"]["generated_tokens"] == 10
+    assert out["stats"]["kv"]["compression_ratio"] == 1.0
+    assert "eviction off" in out["notice"]
+
+
+def test_generate_text_with_dms_window(tiny_with_tokenizer, capsys):
+    rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "4", "--dms-window", "2", "Hello"])
+    out = capsys.readouterr().out
+    assert rc == 0 and ">>> Hello" in out and "[stats]" in out and "DMS eviction on (window 2)" in out
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["generate", "-m", str(tmp_path / "missing"), "x"]) == 2
+    assert "neither an embedded model" in capsys.readouterr().err
+    assert main(["generate", "-m", str(tmp_path)]) == 2
+    assert "at least one prompt" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "dms_runtime.cli", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-new-tokens" in out.stdout
