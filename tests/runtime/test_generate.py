@@ -178,3 +178,15 @@ def test_stop_strings_cut_the_text(tiny_with_tokenizer):
     assert res.outputs[0].finish_reason == "stop"
     assert stop not in res.texts[0] and text.startswith(res.texts[0])
     assert len(res.token_ids[0]) <= len(free.token_ids[0])
+
+
+def test_logit_exactly_zero_keeps_the_token(tiny_factory):
+    # zero-initialised adapter + offset 0: every logit is exactly 0.0, and 0 is not > 0
+    folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 1, "dms_separate_alpha": True,
+                                                          "dms_initial_alpha_offset": 0.0})
+    lm = dr.load(folder)
+    vanilla = dr.load(folder, dms={"dms_disable_eviction": True})
+    ps = prompts(2, 5, 12)
+    res = dr.generate(lm, ps, max_new_tokens=6, ignore_eos=True)
+    assert res.stats.eviction and res.stats.kv.live_tokens == res.stats.kv.dense_tokens
+    assert res.token_ids == dr.generate(vanilla, ps, max_new_tokens=6, ignore_eos=True).token_ids
