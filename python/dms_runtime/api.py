@@ -12,7 +12,10 @@ from .config import DMSConfig, ModelConfig
 from .hub import EmbeddedModel, resolve
 from .models.decoder import DecoderLM
 from .models.loading import load_model
-from .reference_runtime.generate import RequestOutput, generate_reference
+from .outputs import RequestOutput
+from .paged.cache import PagedConfig
+from .paged_generate import generate_paged
+from .reference_runtime.generate import generate_reference
 from .sampling import SamplingParams
 from .stats import GenerationStats
 
@@ -138,7 +141,9 @@ def generate(
     params: SamplingParams | None = None,
     *,
     chat: bool | None = None,
-    backend: str = "reference",
+    backend: str = "paged",
+    n: int = 1,
+    paged: PagedConfig | None = None,
     **sampling: Any,
 ) -> GenerationResult:
     """Generate for a batch of prompts.
@@ -147,6 +152,10 @@ def generate(
     ``chat=False``) or token-id lists. Sampling settings come as a :class:`SamplingParams`
     or as keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
     ``stop``, ``stop_token_ids``, ``ignore_eos``).
+
+    ``backend``: ``"paged"`` (default: the serving engine over the paged DMS cache) or
+    ``"reference"`` (dense cache + the reference definition; the oracle). ``n`` samples per prompt
+    (paged only) share the prompt's pages; outputs are then prompt-major. ``paged`` sizes the pool.
     """
     if not isinstance(model, LoadedModel):
         raise ValueError(f"model: expected what dms_runtime.load() returns, got {type(model).__name__}")
@@ -154,8 +163,10 @@ def generate(
         params = SamplingParams(**sampling)
     elif sampling:
         raise ValueError(f"pass sampling settings either as params or as keywords, not both: {sorted(sampling)}")
-    if backend != "reference":
-        raise ValueError(f"backend: expected 'reference', got {backend!r}")
+    if backend not in ("paged", "reference"):
+        raise ValueError(f"backend: expected 'paged' or 'reference', got {backend!r}")
+    if backend == "reference" and (n != 1 or paged is not None):
+        raise ValueError("n / paged: only the paged backend takes them")
     ids = encode_prompts(model, prompts, chat)
     ctx = model.config.max_position_embeddings
     for i, p in enumerate(ids):
@@ -164,7 +175,12 @@ def generate(
                 f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens={params.max_new_tokens} exceed the model's "
                 f"context of {ctx} tokens"
             )
-    outputs, stats = generate_reference(model.model, ids, params, eos_ids=model.eos_ids, tokenizer=model.tokenizer)
+    if backend == "paged":
+        outputs, stats = generate_paged(model.model, ids, params, eos_ids=model.eos_ids, tokenizer=model.tokenizer,
+                                        n=n, config=paged)
+    else:
+        outputs, stats = generate_reference(model.model, ids, params, eos_ids=model.eos_ids,
+                                            tokenizer=model.tokenizer)
     return GenerationResult(
         outputs=outputs,
         stats=stats,

@@ -66,7 +66,11 @@ class Sampler:
                 self.generators.append(g)
 
     def __call__(self, request: int, logits: torch.Tensor) -> int:
-        p = self.params
+        return self.draw(self.params, logits, self.generators[request])
+
+    @staticmethod
+    def draw(p: SamplingParams, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """One token from float logits ``[V]``."""
         x = logits.detach().float().cpu()
         if p.greedy:
             return int(torch.argmax(x))
@@ -83,4 +87,4 @@ class Sampler:
             x = x.clone()
             x[order[drop]] = float("-inf")
         probs = torch.softmax(x, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generators[request]))
+        return int(torch.multinomial(probs, 1, generator=generator))

@@ -3,66 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 
 from ..models.decoder import DecoderLM
+from ..outputs import RequestOutput, StopChecker, check_finite
 from ..sampling import Sampler, SamplingParams
 from ..stats import GenerationStats, KVFootprint
 from .cache import DenseDMSCache
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated tokens (an EOS or stop token that ended it included)
-    text: str | None
-    finish_reason: str  # "eos" | "stop" | "length"
-    live_tokens: list[list[int]]  # [L][Hkv] at the end
-
-
-class StopChecker:
-    """Per request: EOS / stop tokens / stop strings / length."""
-
-    def __init__(self, params: SamplingParams, eos_ids: set[int], tokenizer):
-        self.params = params
-        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
-        self.stop_ids = set(params.stop_token_ids)
-        self.tokenizer = tokenizer
-        if params.stop and tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; pass stop_token_ids instead")
-
-    def check(self, generated: list[int]) -> str | None:
-        last = generated[-1]
-        if last in self.eos_ids:
-            return "eos"
-        if last in self.stop_ids:
-            return "stop"
-        if self.params.stop:
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if any(s in text for s in self.params.stop):
-                return "stop"
-        if len(generated) >= self.params.max_new_tokens:
-            return "length"
-        return None
-
-    def text(self, generated: list[int]) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        cut = min((text.find(s) for s in self.params.stop if s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
-
-
-def _check_finite(logits: torch.Tensor, step: int) -> None:
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise FloatingPointError(
-            f"logits: non-finite values at generation step {step} for prompts {rows} "
-            "(check the weights and the dtype; bf16/fp16 overflow is a common cause)"
-        )
 
 
 @torch.inference_mode()
@@ -100,7 +47,8 @@ def generate_reference(
     finish: list[str | None] = [None] * b
     step = 0
     while True:
-        _check_finite(logits[[i for i in range(b) if finish[i] is None]], step)
+        alive_rows = [i for i in range(b) if finish[i] is None]
+        check_finite(logits[alive_rows], step, alive_rows)
         for i in range(b):
             if finish[i] is None:
                 generated[i].append(sampler(i, logits[i]))

@@ -1,0 +1,199 @@
+"""The serving engine: requests in, one model step at a time, tokens out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..models.decoder import DecoderLM
+from ..outputs import RequestOutput, StopChecker, check_finite
+from ..paged.backends import select
+from ..paged.cache import PagedConfig, PagedKVCache
+from ..paged.step import PagedStep
+from ..sampling import Sampler, SamplingParams
+from .request import RUNNING, WAITING, Request
+from .scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class StepOutput:
+    request_id: int
+    token: int
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    kv_bytes_read: int = 0  # bytes of K/V read by attention from the cache
+    kv_bytes_read_dense: int = 0  # what a dense cache of the same positions would read
+    peak_dense_bytes: int = 0  # the largest dense cache the running sequences would need
+
+
+class Engine:
+    """Continuous batching over a paged DMS cache.
+
+    ``add_request(prompt_ids, params, n=1)`` returns the ids of its ``n`` samples (the samples
+    share the prompt's pages); ``step()`` runs one forward pass and returns the tokens it made;
+    ``stream()`` iterates over all tokens until every request has finished; ``outputs`` holds
+    the finished requests.
+    """
+
+    def __init__(self, model: DecoderLM, config: PagedConfig | None = None, *, eos_ids: set[int] | None = None,
+                 tokenizer=None):
+        self.model = model
+        self.config = config or PagedConfig()
+        cfg = model.config
+        max_len = self.config.max_model_len or cfg.max_position_embeddings
+        self.cache = PagedKVCache(cfg, self.config, model.dtype, model.device, max_len)
+        self.scheduler = Scheduler(self.cache, self.config.prefill_chunk)
+        self.attention_name, self.attention = select(self.config.attention, model.device)
+        self.eos_ids = set(eos_ids or cfg.eos_token_ids)
+        self.tokenizer = tokenizer
+        self.requests: dict[int, Request] = {}
+        self.outputs: dict[int, RequestOutput] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1,
+                    seed_offset: int | None = None) -> list[int]:
+        params = params or SamplingParams()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected an int >= 1, got {n!r}")
+        if not prompt_ids:
+            raise ValueError("prompt_ids: the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not (isinstance(t, int) and 0 <= t < vocab) for t in prompt_ids):
+            raise ValueError(f"prompt_ids: token ids must be ints in [0, {vocab})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.cache.max_model_len:
+            raise ValueError(f"prompt_ids: {len(prompt_ids)} prompt tokens + max_new_tokens={params.max_new_tokens} "
+                             f"exceed max_model_len={self.cache.max_model_len}")
+        worst = self.scheduler.worst_case_pages(total)
+        if worst > self.cache.P:
+            raise ValueError(
+                f"request: {total} tokens may need up to {worst} pages (nothing evicted), but the whole pool has "
+                f"{self.cache.P} pages of {self.cache.ps} tokens; give the engine more kv_memory_bytes or num_pages"
+            )
+        stops = StopChecker(params, self.eos_ids, self.tokenizer)
+        reqs = []
+        for j in range(n):
+            rid = next(self._ids)
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device="cpu")
+                if params.seed is None:
+                    gen.seed()
+                else:
+                    gen.manual_seed(params.seed + (rid if seed_offset is None else seed_offset + j))
+            reqs.append(Request(rid, list(prompt_ids), params, stops, gen, next(self._arrivals)))
+        parent = reqs[0]
+        parent.pending_forks = reqs[1:]
+        for r in reqs:
+            self.requests[r.id] = r
+        self.scheduler.add(parent)
+        return [r.id for r in reqs]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        t0 = time.perf_counter()
+        dev = self.model.device
+        reqs, chunks = batch.requests, batch.chunks
+        b, t = len(reqs), max(chunks)
+        ids = torch.zeros((b, t), dtype=torch.int64)
+        for i, (r, n) in enumerate(zip(reqs, chunks)):
+            ids[i, :n] = torch.tensor(r.tokens[r.num_computed : r.num_computed + n])
+        starts = torch.tensor([r.num_computed for r in reqs], dtype=torch.int64, device=dev)
+        n_new = torch.tensor(chunks, dtype=torch.int64, device=dev)
+        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64, device=dev)
+        positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
+        step = PagedStep(self.cache, slots, starts, n_new, self.attention)
+        logits = self.model(ids.to(dev), positions, step, logits_index=n_new - 1)[:, 0].float()
+        self.cache.seq_len[slots] += n_new
+
+        st = self.stats
+        st.kv_bytes_read += step.bytes_read
+        st.kv_bytes_read_dense += sum(r.num_computed for r in reqs) * self.cache.L * self.cache.H * self.cache.token_bytes
+        for r, n in zip(reqs, chunks):
+            r.num_computed += n
+        dense_now = sum(r.num_computed for r in self.scheduler.running) * self.cache.L * self.cache.H * self.cache.token_bytes
+        st.peak_dense_bytes = max(st.peak_dense_bytes, dense_now)
+
+        out: list[StepOutput] = []
+        ready = [(i, r) for i, r in enumerate(reqs) if r.remaining == 0]
+        if ready:
+            check_finite(logits[[i for i, _ in ready]], st.steps, [r.id for _, r in ready])
+        for i, r in ready:
+            for req in [r] + self._fork_pending(r):  # forked samples draw from the same logits
+                out.append(self._sample(req, logits[i]))
+
+        st.steps += 1
+        dt = time.perf_counter() - t0
+        if batch.prefill:
+            st.prefill_steps += 1
+            st.prefill_s += dt
+        else:
+            st.decode_steps += 1
+            st.decode_s += dt
+            st.decode_tokens += len(reqs)
+        return out
+
+    def _fork_pending(self, parent: Request) -> list[Request]:
+        """Give the parent's pages to its other samples; one without a slot or pages prefills alone later."""
+        sch, made = self.scheduler, []
+        for child in parent.pending_forks:
+            child.tokens = list(parent.tokens)
+            if sch.free_slots and sch.fork_pages() <= self.cache.free_top:
+                child.slot = sch.take_slot()
+                self.cache.fork(parent.slot, child.slot)
+                child.num_computed = parent.num_computed
+                child.status = RUNNING
+                sch.running.append(child)
+                made.append(child)
+            else:
+                sch.add(child)
+        parent.pending_forks = []
+        return made
+
+    def _sample(self, req: Request, logits_row: torch.Tensor) -> StepOutput:
+        token = Sampler.draw(req.params, logits_row, req.generator)
+        req.tokens.append(token)
+        reason = req.stops.check(req.generated)
+        if reason is not None:
+            req.finish_reason = reason
+            req.live_tokens = self.cache.live_tokens(req.slot).tolist()
+            self.scheduler.finish(req)
+            self.outputs[req.id] = RequestOutput(
+                prompt_token_ids=req.prompt_ids, token_ids=req.generated, text=req.stops.text(req.generated),
+                finish_reason=reason, live_tokens=req.live_tokens)
+        return StepOutput(req.id, token, reason is not None, reason)
+
+    def stream(self) -> Iterator[StepOutput]:
+        while self.has_unfinished():
+            yield from self.step()
+
+    def run(self) -> dict[int, RequestOutput]:
+        for _ in self.stream():
+            pass
+        return self.outputs

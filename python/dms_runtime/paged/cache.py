@@ -1,0 +1,310 @@
+"""The paged per-head variable-length KV cache.
+
+One pool of fixed-size pages is shared by all layers, sequences and KV heads. Every
+(layer, sequence slot, KV head) triple is a *list* with its own page-table row, so heads hold
+different numbers of tokens. A list has two regions (see docs/ARCHITECTURE.md):
+
+* the **ring**: the last ``w`` positions, in ``R = ceil(w / page_size)`` pages, slot
+  ``pos % w``. These tokens are still inside the delay window, visible whatever their decision.
+* the **kept store**: tokens that left the window with a *keep* decision, appended densely.
+  DMS decisions are final, so kept pages are append-only and never hold a dead token.
+
+A token whose window ends with an *evict* decision is simply not copied to the kept store: its
+ring slot is overwritten by the token ``w`` positions later. After processing positions ``0..t``
+a list holds exactly ``min(t + 1, w) + kept`` tokens, the minimum of the semantics (§3).
+
+All bookkeeping is tensor operations over every list of a step at once; the host only learns
+the number of pages a step allocated (one sync per layer, for the shapes of the allocation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+
+
+@dataclass(slots=True)
+class PagedConfig:
+    """Settings of the paged runtime.
+
+    page_size: tokens per page. num_pages: pages in the pool (shared by all layers, sequences
+    and KV heads); None sizes it from ``kv_memory_bytes``, or, without that, for ``max_seqs``
+    dense sequences of ``max_model_len``. max_seqs: sequence slots (batch capacity).
+    prefill_chunk: prompt tokens per prefill step (chunked prefill). attention: which
+    attention implementation runs ("auto", "torch", or a registered kernel backend).
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_memory_bytes: int | None = None
+    max_seqs: int = 16
+    max_model_len: int | None = None
+    prefill_chunk: int = 512
+    attention: str = "auto"
+
+    def __post_init__(self):
+        for name in ("page_size", "max_seqs", "prefill_chunk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name in ("num_pages", "kv_memory_bytes", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected None or an int >= 1, got {v!r}")
+
+
+class PoolExhausted(RuntimeError):
+    """Raised (before anything is written) when a step would need more pages than are free."""
+
+
+class PagedKVCache:
+    """Pool, page tables and per-list state. Shapes (``NL = L * max_seqs * Hkv`` lists):
+
+    k_pool, v_pool  [P, page_size, D]   model dtype
+    page_ref        [P]                 int32, references to a page (0 = free)
+    free_stack      [P]                 int64, free page ids in [0, free_top)
+    page_table      [NL, R + K]         int64, -1 = none; columns [0, R) ring, [R, R + K) kept store
+    kept_len        [NL]                int64, tokens in the kept store
+    ring_evict      [NL, w]             bool, decision of the token in each ring slot
+    seq_len         [max_seqs]          int64, positions processed by each slot
+    """
+
+    def __init__(self, cfg: ModelConfig, pcfg: PagedConfig, dtype: torch.dtype, device, max_model_len: int):
+        self.cfg, self.pcfg = cfg, pcfg
+        self.dtype, self.device = dtype, torch.device(device)
+        self.L, self.H, self.D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        self.ps = pcfg.page_size
+        self.evicts = cfg.dms_active
+        # Without eviction every token is kept; the ring is then a one-page staging area.
+        self.w = cfg.dms.window_size if self.evicts else self.ps
+        self.R = math.ceil(self.w / self.ps)
+        self.max_model_len = max_model_len
+        self.K = math.ceil(max_model_len / self.ps)
+        self.max_seqs = pcfg.max_seqs
+        self.NL = self.L * self.max_seqs * self.H
+        self.token_bytes = 2 * self.D * dtype.itemsize  # K and V of one token of one head
+
+        if pcfg.num_pages is not None:
+            pages = pcfg.num_pages
+        elif pcfg.kv_memory_bytes is not None:
+            pages = pcfg.kv_memory_bytes // (self.ps * self.token_bytes)
+        else:
+            pages = self.L * self.H * self.max_seqs * (self.R + self.K)
+        if pages < 1:
+            raise ValueError(f"num_pages: the pool would hold {pages} pages; give more kv_memory_bytes")
+        self.P = int(pages)
+        dev = self.device
+        self.k_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
+        self.v_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
+        self.page_ref = torch.zeros(self.P, dtype=torch.int32, device=dev)
+        self.free_stack = torch.arange(self.P - 1, -1, -1, dtype=torch.int64, device=dev)
+        self.free_top = self.P  # host mirror: exact after every operation (allocation counts are synced)
+        self.page_table = torch.full((self.NL, self.R + self.K), -1, dtype=torch.int64, device=dev)
+        self.kept_len = torch.zeros(self.NL, dtype=torch.int64, device=dev)
+        self.ring_evict = torch.zeros((self.NL, self.w), dtype=torch.bool, device=dev)
+        self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=dev)
+        self.peak_pages = 0
+        self._heads = torch.arange(self.H, device=dev)
+
+    # ------------------------------------------------------------------ addressing
+
+    def lists(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """List ids ``[B, Hkv]`` of ``layer`` for sequence ``slots`` ``[B]``."""
+        return (layer * self.max_seqs + slots)[:, None] * self.H + self._heads[None, :]
+
+    def seq_lists(self, slot: int) -> torch.Tensor:
+        """All list ids of one sequence slot, ``[L * Hkv]``."""
+        layers = torch.arange(self.L, device=self.device)
+        return ((layers * self.max_seqs + slot)[:, None] * self.H + self._heads[None, :]).reshape(-1)
+
+    def flat_slots(self, lists: torch.Tensor, cols: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Flat indices into ``pool.view(-1, D)`` for page-table columns and in-page offsets."""
+        pages = torch.gather(self.page_table[lists], -1, cols)
+        return pages * self.ps + offs
+
+    # ------------------------------------------------------------------ pages
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.P - self.free_top
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.pages_in_use * self.ps * self.token_bytes
+
+    def _alloc(self, lists: torch.Tensor, cols: torch.Tensor) -> None:
+        """Give a fresh page to each ``page_table[lists[i], cols[i]]`` (1-D tensors)."""
+        n = int(lists.numel())
+        if n == 0:
+            return
+        if n > self.free_top:
+            raise PoolExhausted(f"the KV pool needs {n} more pages, {self.free_top} of {self.P} are free")
+        pages = self.free_stack[self.free_top - n : self.free_top]
+        self.free_top -= n
+        self.page_table[lists, cols] = pages
+        self.page_ref[pages] = 1
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+
+    def _release(self, pages: torch.Tensor) -> None:
+        """Drop one reference to each page of ``pages`` (1-D, may repeat); free those at zero."""
+        pages = pages[pages >= 0]
+        if pages.numel() == 0:
+            return
+        self.page_ref.index_put_((pages,), torch.full_like(pages, -1, dtype=torch.int32), accumulate=True)
+        uniq = torch.unique(pages)
+        freed = uniq[self.page_ref[uniq] == 0]
+        n = int(freed.numel())
+        self.free_stack[self.free_top : self.free_top + n] = freed
+        self.free_top += n
+
+    # ------------------------------------------------------------------ per layer, per step
+
+    def ring_positions(self, starts: torch.Tensor) -> torch.Tensor:
+        """Position held by each ring slot before a step that starts at ``starts`` ``[B]``:
+        ``[B, w]``, -1 where the slot holds nothing yet."""
+        r = torch.arange(self.w, device=self.device)
+        last = (starts - 1)[:, None]
+        pos = last - torch.remainder(last - r[None, :], self.w)  # the latest position <= last in slot r
+        return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+
+    def record_previous_decision(self, lists, starts, prev_evict) -> None:
+        """The first logit of a step decides the key at ``starts - 1``, which sits in the ring.
+
+        lists ``[B, H]``, starts ``[B]``, prev_evict ``[B, H]`` bool."""
+        has_prev = starts >= 1
+        sel = lists[has_prev]  # [B', H]
+        slot = torch.remainder(starts - 1, self.w)[has_prev][:, None].expand_as(sel)
+        self.ring_evict[sel, slot] = prev_evict[has_prev]
+
+    def store(self, lists, starts, n_new, k_new, v_new, new_evict) -> None:
+        """Move tokens that leave the window into the kept store (or drop them), then write the
+        step's last ``w`` tokens into the ring.
+
+        lists ``[B, H]``; starts/n_new ``[B]``; k_new/v_new ``[B, H, T, D]`` (right-padded);
+        new_evict ``[B, H, T]`` decisions of the new keys (the last one counts as keep).
+        """
+        b, h, t, d = k_new.shape
+        w, ps, R = self.w, self.ps, self.R
+        dev = self.device
+        ends = starts + n_new  # first position not yet processed after this step
+        cut = (ends - w)[:, None, None]  # positions < cut leave the window
+
+        # --- candidates leaving the window, in position order: ring (older) then the new chunk
+        ring_pos = self.ring_positions(starts)  # [B, w] position of each ring slot
+        order = torch.argsort(torch.where(ring_pos < 0, ring_pos.new_full((), 1 << 62), ring_pos), dim=-1)
+        ring_pos_sorted = torch.gather(ring_pos, -1, order)  # [B, w]
+        ring_slot_sorted = order[:, None, :].expand(b, h, w)
+        ring_valid = (ring_pos_sorted >= 0)[:, None, :] & (ring_pos_sorted[:, None, :] < cut)
+        ring_evict = torch.gather(self.ring_evict[lists], -1, ring_slot_sorted)
+        a = torch.arange(t, device=dev)
+        new_pos = starts[:, None] + a[None, :]  # [B, T]
+        new_valid = (a[None, :] < n_new[:, None])[:, None, :] & (new_pos[:, None, :] < cut)
+        keep = torch.cat([ring_valid & ~ring_evict, new_valid & ~new_evict], dim=-1)  # [B, H, w + T]
+
+        if bool(keep.any()):
+            ring_flat = self.flat_slots(lists, ring_slot_sorted // ps, ring_slot_sorted % ps)
+            src_k = torch.cat([self.k_pool.view(-1, d)[ring_flat], k_new], dim=2)  # [B, H, w + T, D]
+            src_v = torch.cat([self.v_pool.view(-1, d)[ring_flat], v_new], dim=2)
+            count = keep.sum(-1)  # [B, H]
+            kept0 = self.kept_len[lists]
+            # pages for kept indices [kept0, kept0 + count)
+            first_col = (kept0 + ps - 1) // ps
+            last_col = (kept0 + count + ps - 1) // ps  # exclusive
+            j = torch.arange(math.ceil((w + t) / ps) + 1, device=dev)
+            cols = first_col[..., None] + j
+            need = cols < last_col[..., None]
+            li, hi, ji = need.nonzero(as_tuple=True)
+            self._alloc(lists[li, hi], R + cols[li, hi, ji])
+            dest = kept0[..., None] + torch.cumsum(keep, -1) - 1  # kept index of each candidate
+            bi, hh, ci = keep.nonzero(as_tuple=True)
+            di = dest[bi, hh, ci]
+            lst = lists[bi, hh]
+            flat = self.page_table[lst, R + di // ps] * ps + di % ps
+            self.k_pool.view(-1, d)[flat] = src_k[bi, hh, ci]
+            self.v_pool.view(-1, d)[flat] = src_v[bi, hh, ci]
+            self.kept_len[lists] = kept0 + count
+
+        # --- the ring takes the new tokens that are still inside the window
+        into_ring = (a[None, :] < n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
+        if not bool(into_ring.any()):
+            return
+        slot = torch.remainder(new_pos, w)  # [B, T]
+        bi, ai = into_ring.nonzero(as_tuple=True)
+        lst = lists[bi]  # [N, H]
+        s = slot[bi, ai][:, None].expand_as(lst)  # [N, H]
+        col = s // ps
+        missing = self.page_table[lst, col] < 0
+        if bool(missing.any()):
+            need_l, need_c = lst[missing], col[missing]
+            key = torch.unique(need_l * (R + self.K) + need_c)
+            self._alloc(key // (R + self.K), key % (R + self.K))
+        flat = self.page_table[lst, col] * ps + s % ps
+        self.k_pool.view(-1, d)[flat] = k_new[bi, :, ai]
+        self.v_pool.view(-1, d)[flat] = v_new[bi, :, ai]
+        self.ring_evict[lst, s] = new_evict[bi, :, ai]
+
+    # ------------------------------------------------------------------ sequences
+
+    def free_seq(self, slot: int) -> None:
+        rows = self.seq_lists(slot)
+        self._release(self.page_table[rows].reshape(-1))
+        self.page_table[rows] = -1
+        self.kept_len[rows] = 0
+        self.ring_evict[rows] = False
+        self.seq_len[slot] = 0
+
+    def fork(self, parent: int, child: int) -> None:
+        """The child shares the parent's full kept pages (they are append-only); the pages it will
+        write — the ring and a partly filled last kept page — are copied (copy-on-write, eagerly)."""
+        src, dst = self.seq_lists(parent), self.seq_lists(child)
+        R, ps = self.R, self.ps
+        kept = self.kept_len[src]
+        full_pages = kept // ps
+        cols = torch.arange(self.K, device=self.device)
+        shared = cols[None, :] < full_pages[:, None]  # [N, K]
+        table = self.page_table[src]
+        self.page_table[dst] = -1
+        kept_part = table[:, R:]
+        self.page_table[dst, R:] = torch.where(shared, kept_part, torch.full_like(kept_part, -1))
+        sp = kept_part[shared]
+        self.page_ref.index_put_((sp,), torch.ones_like(sp, dtype=torch.int32), accumulate=True)
+        # pages to copy: ring pages that exist, and the partial last kept page
+        copy_ring = table[:, :R] >= 0
+        partial = (kept % ps) != 0
+        li, ci = copy_ring.nonzero(as_tuple=True)
+        lp = partial.nonzero(as_tuple=True)[0]
+        all_l = torch.cat([li, lp])
+        all_c = torch.cat([ci, R + full_pages[lp]])
+        self._alloc(dst[all_l], all_c)
+        old = table[all_l, all_c]
+        new = self.page_table[dst[all_l], all_c]
+        self.k_pool[new] = self.k_pool[old]
+        self.v_pool[new] = self.v_pool[old]
+        self.kept_len[dst] = kept
+        self.ring_evict[dst] = self.ring_evict[src]
+        self.seq_len[child] = self.seq_len[parent]
+
+    def live_tokens(self, slot: int) -> torch.Tensor:
+        """Tokens held by each list of a sequence, ``[L, Hkv]`` int64."""
+        rows = self.seq_lists(slot)
+        ring = torch.clamp(self.seq_len[slot], max=self.w)
+        return (ring + self.kept_len[rows]).view(self.L, self.H)
+
+    def check_invariants(self) -> None:
+        """Every page is free or referenced exactly as often as page tables name it."""
+        used = self.page_table[self.page_table >= 0]
+        counts = torch.bincount(used, minlength=self.P)
+        if not torch.equal(counts.to(torch.int32), self.page_ref):
+            bad = (counts.to(torch.int32) != self.page_ref).nonzero().flatten()[:8].tolist()
+            raise AssertionError(f"page reference counts disagree with the page tables at pages {bad}")
+        free = self.free_stack[: self.free_top]
+        if free.numel() and (self.page_ref[free] != 0).any():
+            raise AssertionError("a page on the free stack is still referenced")
+        if torch.unique(free).numel() != free.numel():
+            raise AssertionError("a page is on the free stack twice")
+        if self.free_top + int((self.page_ref > 0).sum()) != self.P:
+            raise AssertionError("pages are lost: neither free nor referenced")
