@@ -50,7 +50,7 @@ class Engine:
     """
 
     def __init__(self, model: DecoderLM, config: PagedConfig | None = None, *, eos_ids: set[int] | None = None,
-                 tokenizer=None):
+                 tokenizer=None, logits_hook=None):
         self.model = model
         self.config = config or PagedConfig()
         cfg = model.config
@@ -60,6 +60,7 @@ class Engine:
         self.attention_name, self.attention = select(self.config.attention, model.device)
         self.eos_ids = set(eos_ids or cfg.eos_token_ids)
         self.tokenizer = tokenizer
+        self.logits_hook = logits_hook  # replaces eviction logits, e.g. forced decisions in benchmarks
         self.requests: dict[int, Request] = {}
         self.outputs: dict[int, RequestOutput] = {}
         self.stats = EngineStats()
@@ -128,7 +129,7 @@ class Engine:
         n_new = torch.tensor(chunks, dtype=torch.int64, device=dev)
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64, device=dev)
         positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
-        step = PagedStep(self.cache, slots, starts, n_new, self.attention)
+        step = PagedStep(self.cache, slots, starts, n_new, self.attention, self.logits_hook)
         logits = self.model(ids.to(dev), positions, step, logits_index=n_new - 1)[:, 0].float()
         self.cache.seq_len[slots] += n_new
 

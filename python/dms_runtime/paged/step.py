@@ -17,10 +17,11 @@ class PagedStep:
     """
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, starts: torch.Tensor, n_new: torch.Tensor,
-                 attention: Callable):
+                 attention: Callable, logits_hook: Callable | None = None):
         self.cache = cache
         self.slots, self.starts, self.n_new = slots, starts, n_new
         self.attention = attention
+        self.logits_hook = logits_hook  # (layer, logits [B, H, T]) -> logits; benchmarks force decisions with it
         self.bytes_read = 0
 
     def attend(self, layer, q, k, v, logits):
@@ -29,6 +30,8 @@ class PagedStep:
         b, h, t, _ = k.shape
         new_evict = torch.zeros((b, h, t), dtype=torch.bool, device=k.device)
         if logits is not None:
+            if self.logits_hook is not None:
+                logits = self.logits_hook(layer, logits)
             a = torch.arange(t, device=k.device)
             nxt = torch.zeros_like(new_evict)
             nxt[..., :-1] = logits[..., 1:] > 0
