@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .paged.cache import PagedConfig
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -26,7 +28,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dms-window", type=int, default=None, help="give or override the DMS delay window")
     p.add_argument("--no-eviction", action="store_true", help="run a DMS model with eviction off")
-    p.add_argument("--backend", default="reference", choices=["reference"])
+    p.add_argument("--backend", default="paged", choices=["paged", "reference"],
+                   help="paged (the serving engine, default) or reference (the dense oracle)")
+    p.add_argument("--samples", type=int, default=1, help="parallel samples per prompt (paged; share prompt pages)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
@@ -43,11 +49,14 @@ def _generate(args) -> int:
     if args.no_eviction:
         dms["dms_disable_eviction"] = True
     lm = dr.load(args.model, dtype=args.dtype, device=args.device, dms=dms or None)
+    if args.stream:
+        return _stream(lm, prompts, args)
     result = dr.generate(
         lm,
         prompts,
         chat=False if args.no_chat else None,
         backend=args.backend,
+        **({"n": args.samples, "paged": PagedConfig(page_size=args.page_size)} if args.backend == "paged" else {}),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -67,10 +76,38 @@ def _generate(args) -> int:
         return 0
     if notice:
         print(f"note: {notice}")
-    for prompt, text in zip(prompts, result.texts):
-        print(f"\n>>> {prompt}\n{text}")
+    per = args.samples if args.backend == "paged" else 1
+    for i, text in enumerate(result.texts):
+        label = prompts[i // per] + (f"  [sample {i % per + 1}/{per}]" if per > 1 else "")
+        print(f"\n>>> {label}\n{text}")
     print()
     print(result.stats.line())
+    return 0
+
+
+def _stream(lm, prompts, args) -> int:
+    """Stream tokens of each prompt through an engine as they are made."""
+    from .api import encode_prompts
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    if args.backend != "paged":
+        print("dms generate: --stream needs the paged backend", file=sys.stderr)
+        return 2
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    ids = encode_prompts(lm, prompts, False if args.no_chat else None)
+    engine = Engine(lm.model, PagedConfig(page_size=args.page_size, max_seqs=len(ids) * args.samples,
+                                          max_model_len=max(map(len, ids)) + args.max_new_tokens),
+                    eos_ids=lm.eos_ids, tokenizer=lm.tokenizer)
+    owner = {}
+    for i, p in enumerate(ids):
+        for rid in engine.add_request(p, params, n=args.samples):
+            owner[rid] = i
+    for out in engine.stream():
+        piece = lm.tokenizer.decode([out.token], skip_special_tokens=True) if lm.tokenizer else f" {out.token}"
+        print(f"[{owner[out.request_id]}:{out.request_id}] {piece!r}" if len(owner) > 1 else piece, end="" if len(owner) == 1 else "\n", flush=True)
+    print()
     return 0
 
 

@@ -1,5 +1,7 @@
 """The reference runtime: cached decoding equals the definition; batching, sampling, stopping, stats."""
 
+import functools
+
 import pytest
 import torch
 
@@ -16,17 +18,23 @@ def prompts(n, lo=1, hi=30, vocab=131):
     return [torch.randint(0, vocab, (int(torch.randint(lo, hi + 1, ())),)).tolist() for _ in range(n)]
 
 
+@pytest.fixture(params=["paged", "reference"])
+def gen(request):
+    """generate() through each runtime: the paged engine and the reference oracle."""
+    return functools.partial(dr.generate, backend=request.param)
+
+
 @pytest.fixture(params=["llama", "qwen3"])
 def dms_model(request, tiny_factory):
     folder, _ = tiny_factory(arch=request.param, extra_config=EVICTING)
     return dr.load(folder)
 
 
-def test_greedy_equals_transformers_generate(tiny_factory):
+def test_greedy_equals_transformers_generate(tiny_factory, gen):
     folder, hf = tiny_factory(arch="qwen2")
     lm = dr.load(folder)
     p = prompts(1, 5, 20)[0]
-    res = dr.generate(lm, [p], max_new_tokens=24, ignore_eos=True)
+    res = gen(lm, [p], max_new_tokens=24, ignore_eos=True)
     with torch.no_grad():
         ids = torch.tensor([p])
         theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
@@ -34,12 +42,12 @@ def test_greedy_equals_transformers_generate(tiny_factory):
     assert res.token_ids[0] == theirs
 
 
-def test_cached_decoding_equals_the_definition(dms_model):
+def test_cached_decoding_equals_the_definition(dms_model, gen):
     """Teacher-forced full-sequence forward (reference dms_attention) reproduces every greedy token,
     and the live-token stats equal reference.live_tokens over the recorded decisions."""
     lm = dms_model
     ps = prompts(3, 1, 25)
-    res = dr.generate(lm, ps, max_new_tokens=20, ignore_eos=True)
+    res = gen(lm, ps, max_new_tokens=20, ignore_eos=True)
     evicted_somewhere = False
     for p, out in zip(ps, res.outputs):
         seq = p + out.token_ids[:-1]  # everything that went through the model
@@ -56,27 +64,27 @@ def test_cached_decoding_equals_the_definition(dms_model):
     assert res.stats.kv.compression_ratio > 1.0
 
 
-def test_batch_of_ragged_prompts_equals_one_at_a_time(dms_model):
+def test_batch_of_ragged_prompts_equals_one_at_a_time(dms_model, gen):
     ps = prompts(4, 1, 30)
-    together = dr.generate(dms_model, ps, max_new_tokens=12, ignore_eos=True)
+    together = gen(dms_model, ps, max_new_tokens=12, ignore_eos=True)
     for i, p in enumerate(ps):
-        alone = dr.generate(dms_model, [p], max_new_tokens=12, ignore_eos=True)
+        alone = gen(dms_model, [p], max_new_tokens=12, ignore_eos=True)
         assert alone.token_ids[0] == together.token_ids[i]
         assert alone.outputs[0].live_tokens == together.outputs[i].live_tokens
 
 
-def test_sampling_is_reproducible_and_filters_work(tiny_factory):
+def test_sampling_is_reproducible_and_filters_work(tiny_factory, gen):
     folder, _ = tiny_factory(arch="llama")
     lm = dr.load(folder)
     ps = prompts(2, 3, 10)
-    a = dr.generate(lm, ps, max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
-    b = dr.generate(lm, ps, max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
-    c = dr.generate(lm, ps, max_new_tokens=16, temperature=1.0, seed=8, ignore_eos=True)
-    g = dr.generate(lm, ps, max_new_tokens=16, ignore_eos=True)
+    a = gen(lm, ps, max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    b = gen(lm, ps, max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    c = gen(lm, ps, max_new_tokens=16, temperature=1.0, seed=8, ignore_eos=True)
+    g = gen(lm, ps, max_new_tokens=16, ignore_eos=True)
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
-    k1 = dr.generate(lm, ps, max_new_tokens=16, temperature=0.7, top_k=1, seed=1, ignore_eos=True)
-    p0 = dr.generate(lm, ps, max_new_tokens=16, temperature=0.7, top_p=1e-6, seed=1, ignore_eos=True)
+    k1 = gen(lm, ps, max_new_tokens=16, temperature=0.7, top_k=1, seed=1, ignore_eos=True)
+    p0 = gen(lm, ps, max_new_tokens=16, temperature=0.7, top_p=1e-6, seed=1, ignore_eos=True)
     assert k1.token_ids == g.token_ids == p0.token_ids
 
 
@@ -95,26 +103,26 @@ def test_sampler_respects_top_k_and_top_p():
     assert (freq - probs).abs().max() < 0.03
 
 
-def test_stops_at_eos_and_stop_tokens_and_length(tiny_factory):
+def test_stops_at_eos_and_stop_tokens_and_length(tiny_factory, gen):
     folder, _ = tiny_factory(arch="llama")
     lm = dr.load(folder)
     p = prompts(1, 4, 8)
-    free = dr.generate(lm, p, max_new_tokens=10, ignore_eos=True).token_ids[0]
+    free = gen(lm, p, max_new_tokens=10, ignore_eos=True).token_ids[0]
     target = free[3]
     first = free.index(target)
     lm.model.config.eos_token_ids = (target,)
-    res = dr.generate(lm, p, max_new_tokens=10)
+    res = gen(lm, p, max_new_tokens=10)
     assert res.token_ids[0] == free[: first + 1] and res.outputs[0].finish_reason == "eos"
     lm.model.config.eos_token_ids = ()
-    res = dr.generate(lm, p, max_new_tokens=10, stop_token_ids=[target])
+    res = gen(lm, p, max_new_tokens=10, stop_token_ids=[target])
     assert res.token_ids[0] == free[: first + 1] and res.outputs[0].finish_reason == "stop"
-    res = dr.generate(lm, p, max_new_tokens=5)
+    res = gen(lm, p, max_new_tokens=5)
     assert res.token_ids[0] == free[:5] and res.outputs[0].finish_reason == "length"
 
 
-def test_stats_account_for_every_token(dms_model):
+def test_stats_account_for_every_token(dms_model, gen):
     ps = prompts(3, 2, 20)
-    res = dr.generate(dms_model, ps, max_new_tokens=9, ignore_eos=True)
+    res = gen(dms_model, ps, max_new_tokens=9, ignore_eos=True)
     st, cfg = res.stats, dms_model.config
     assert st.prompt_tokens == sum(map(len, ps)) and st.generated_tokens == 27
     positions = sum(len(p) + 9 - 1 for p in ps)  # the last sampled token never enters the cache
@@ -127,9 +135,9 @@ def test_stats_account_for_every_token(dms_model):
     assert "compression" in st.line()
 
 
-def test_vanilla_holds_everything(tiny_factory):
+def test_vanilla_holds_everything(tiny_factory, gen):
     folder, _ = tiny_factory(arch="llama")
-    res = dr.generate(dr.load(folder), prompts(2), max_new_tokens=4, ignore_eos=True)
+    res = gen(dr.load(folder), prompts(2), max_new_tokens=4, ignore_eos=True)
     assert res.stats.kv.compression_ratio == 1.0 and not res.stats.eviction
 
 
@@ -159,34 +167,34 @@ def test_bad_requests_are_refused(tiny_factory):
             dr.load(folder, device="cuda")
 
 
-def test_non_finite_logits_are_reported(tiny_factory):
+def test_non_finite_logits_are_reported(tiny_factory, gen):
     folder, _ = tiny_factory(arch="llama")
     lm = dr.load(folder)
     with torch.no_grad():
         lm.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="logits: non-finite values at generation step 0"):
-        dr.generate(lm, [[1, 2, 3]], max_new_tokens=3)
+        gen(lm, [[1, 2, 3]], max_new_tokens=3)
 
 
-def test_stop_strings_cut_the_text(tiny_with_tokenizer):
+def test_stop_strings_cut_the_text(tiny_with_tokenizer, gen):
     lm = dr.load(tiny_with_tokenizer)
-    free = dr.generate(lm, ["Hello there"], max_new_tokens=12, ignore_eos=True, chat=False)
+    free = gen(lm, ["Hello there"], max_new_tokens=12, ignore_eos=True, chat=False)
     text = free.texts[0]
     assert len(text) > 4
     stop = text[2:4]
-    res = dr.generate(lm, ["Hello there"], max_new_tokens=12, ignore_eos=True, chat=False, stop=[stop])
+    res = gen(lm, ["Hello there"], max_new_tokens=12, ignore_eos=True, chat=False, stop=[stop])
     assert res.outputs[0].finish_reason == "stop"
     assert stop not in res.texts[0] and text.startswith(res.texts[0])
     assert len(res.token_ids[0]) <= len(free.token_ids[0])
 
 
-def test_logit_exactly_zero_keeps_the_token(tiny_factory):
+def test_logit_exactly_zero_keeps_the_token(tiny_factory, gen):
     # zero-initialised adapter + offset 0: every logit is exactly 0.0, and 0 is not > 0
     folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 1, "dms_separate_alpha": True,
                                                           "dms_initial_alpha_offset": 0.0})
     lm = dr.load(folder)
     vanilla = dr.load(folder, dms={"dms_disable_eviction": True})
     ps = prompts(2, 5, 12)
-    res = dr.generate(lm, ps, max_new_tokens=6, ignore_eos=True)
+    res = gen(lm, ps, max_new_tokens=6, ignore_eos=True)
     assert res.stats.eviction and res.stats.kv.live_tokens == res.stats.kv.dense_tokens
-    assert res.token_ids == dr.generate(vanilla, ps, max_new_tokens=6, ignore_eos=True).token_ids
+    assert res.token_ids == gen(vanilla, ps, max_new_tokens=6, ignore_eos=True).token_ids

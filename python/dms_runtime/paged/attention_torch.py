@@ -1,11 +1,13 @@
 """Paged DMS attention in plain torch (runs anywhere): gather each list's held tokens, apply the
-window rule to ring tokens, attend over [held tokens, new chunk] in one softmax."""
+window rule to ring tokens, attend over [held tokens, new chunk] in one softmax (torch SDPA with
+a boolean mask, GQA without copying K/V per query head)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def gather_lists(k_pool, v_pool, table, kept_len, starts, window: int, ring_pages: int):
@@ -70,13 +72,11 @@ def torch_paged_attention(
     vis_n = (dist_n >= 0)[None, None] & valid_k & ((dist_n <= w)[None, None] | ~new_evict[:, :, None, :])
     vis = torch.cat([vis_c, vis_n], -1)  # [B, H, T, C + T]
 
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    keys = torch.cat([kc, k_new], 2).to(dt).repeat_interleave(g, 1)
-    vals = torch.cat([vc, v_new], 2).to(dt)
-    vis_q = vis.repeat_interleave(g, 1)
-    scores = torch.matmul(q.to(dt), keys.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~vis_q, float("-inf"))
-    probs = torch.softmax(scores, -1)
-    probs = torch.where(vis_q.any(-1, keepdim=True), probs, torch.zeros((), dtype=dt, device=dev))
-    vals = vals.masked_fill(~vis.any(-2)[..., None], 0.0).repeat_interleave(g, 1)
-    return torch.matmul(probs, vals).to(q.dtype)
+    keys = torch.cat([kc, k_new], 2)
+    vals = torch.cat([vc, v_new], 2)
+    # Keys nobody sees (padding, evicted) may hold stale pool data: never let it reach 0 * x.
+    vals = vals.masked_fill(~vis.any(-2)[..., None], 0.0)
+    out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=vis.repeat_interleave(g, 1), scale=scale,
+                                         enable_gqa=g > 1)
+    # a query row with no visible key (only padding rows can have none) returns zeros, not NaN
+    return torch.where(vis.any(-1).repeat_interleave(g, 1)[..., None], out, torch.zeros((), dtype=out.dtype))

@@ -308,3 +308,10 @@ class PagedKVCache:
             raise AssertionError("a page is on the free stack twice")
         if self.free_top + int((self.page_ref > 0).sum()) != self.P:
             raise AssertionError("pages are lost: neither free nor referenced")
+        rows = torch.sort(self.page_table, dim=-1).values
+        if ((rows[:, 1:] == rows[:, :-1]) & (rows[:, 1:] >= 0)).any():
+            raise AssertionError("a list names the same page twice")
+        ring = self.page_table[:, : self.R]
+        ring = ring[ring >= 0]
+        if ring.numel() and (self.page_ref[ring] != 1).any():
+            raise AssertionError("a ring page is shared: rings are written every step and must be private")
