@@ -56,7 +56,12 @@ def run(mode, batch, total, gen, args):
     for p in prompts:
         engine.add_request(p, params)
     t0 = time.perf_counter()
-    engine.run()
+    announced = False
+    while engine.has_unfinished():
+        engine.step()
+        if engine.stats.decode_steps == 1 and not announced:
+            print(f"# {mode} batch {batch}: prefill done in {time.perf_counter() - t0:.0f} s, decoding", flush=True)
+            announced = True
     wall = time.perf_counter() - t0
     st, cache = engine.stats, engine.cache
     live = sum(sum(map(sum, o.live_tokens)) for o in engine.outputs.values())
