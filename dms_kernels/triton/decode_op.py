@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .paged_decode import paged_decode_split_kernel
+
+
+def decode_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) that build for sm_90a without spills (checked in CI by the AOT test)."""
+    if dtype == torch.float32:
+        return 16, 8
+    return (64, 8) if head_dim <= 64 else (32, 8)
 
 
 def plan_splits(n_tokens_max: int, num_lists: int, *, block_n: int = 64, target_programs: int = 264) -> int:
@@ -29,7 +37,7 @@ def _check(name, t, ndim, dtype=None, device=None):
 
 
 def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_len, ring_pages: int,
-                           scale: float | None = None, block_n: int = 64):
+                           scale: float | None = None, block_n: int | None = None):
     """One new query per sequence over its held tokens plus its own new key.
 
     q ``[B, Hq, D]``; k_new/v_new ``[B, H, D]``; k_pool/v_pool ``[P, PS, D]``; table ``[B, H, TW]``
@@ -59,6 +67,8 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_
         raise ValueError(f"q: head dim {d} must be a power of two")
     g = hq // h
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    default_n, num_warps = decode_config(q.dtype, d)
+    block_n = block_n or default_n
     q = q.contiguous()
     tab = table.reshape(b * h, -1).contiguous()
     kept = kept_len.reshape(-1).contiguous()
@@ -74,7 +84,9 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_
             scale, h, g, ring_pages, split,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tab.stride(0),
             acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-            PS=k_pool.shape[1], D=d, BLOCK_N=block_n, BLOCK_G=max(1, triton_next_pow2(g)),
+            PS=k_pool.shape[1], D=d, BLOCK_N=block_n, BLOCK_G=max(16, triton_next_pow2(g)),
+            DOT_FP32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=num_warps,
         )
     # merge the splits and the new token by log-sum-exp (an empty split has m = -inf: weight 0)
     qf = q.float().view(b, h, g, d)

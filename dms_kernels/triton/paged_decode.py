@@ -44,6 +44,7 @@ def paged_decode_split_kernel(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # fp32 operands in tl.dot: fp32 caches, and the CPU interpreter (bf16 dots are wrong there)
 ):
     lst = tl.program_id(0)
     sp = tl.program_id(1)
@@ -58,12 +59,15 @@ def paged_decode_split_kernel(
     d = tl.arange(0, D)
     g_ok = g < G
     q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
+    qf = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for i0 in range(start, end, BLOCK_N):
+    # A while loop: the trip count depends on the loaded length, and the interpreter (numpy 2)
+    # cannot turn such a value into a Python range bound.
+    i0 = start
+    while i0 < end:
         idx = i0 + tl.arange(0, BLOCK_N)
         ok = idx < end
         in_ring = idx < n_ring
@@ -72,17 +76,24 @@ def paged_decode_split_kernel(
         off = tl.where(in_ring, idx % PS, j % PS)
         page = tl.load(Table + lst * stride_t + col, mask=ok, other=0)
         base = page * stride_pp + off * stride_po
-        k = tl.load(KPool + base[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(VPool + base[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # m_new is finite here: the block holds at least one valid token
+        k = tl.load(KPool + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(VPool + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        if DOT_FP32:
+            s = tl.dot(qf, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(ok[None, :], s * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block holds a valid token
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if DOT_FP32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
+        i0 += BLOCK_N
 
     out = lst * stride_al + sp * stride_as + g[:, None] * stride_ag + d[None, :]
     tl.store(Acc + out, acc, mask=g_ok[:, None])
