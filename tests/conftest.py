@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run under the interpreter (set before any kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
 

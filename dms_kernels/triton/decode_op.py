@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .common import dot_settings, next_pow2
 from .paged_decode import paged_decode_split_kernel
 
 
@@ -84,9 +84,8 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_
             scale, h, g, ring_pages, split,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tab.stride(0),
             acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-            PS=k_pool.shape[1], D=d, BLOCK_N=block_n, BLOCK_G=max(16, triton_next_pow2(g)),
-            DOT_FP32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-            num_warps=num_warps,
+            PS=k_pool.shape[1], D=d, BLOCK_N=block_n, BLOCK_G=max(16, next_pow2(g)),
+            num_warps=num_warps, **dot_settings(q.dtype),
         )
     # merge the splits and the new token by log-sum-exp (an empty split has m = -inf: weight 0)
     qf = q.float().view(b, h, g, d)
@@ -99,6 +98,3 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_
     den = (w_split * lsum.view(b, h, s, g)).sum(2) + w_new
     return (num / den[..., None]).reshape(b, hq, d).to(q.dtype)
 
-
-def triton_next_pow2(x: int) -> int:
-    return 1 << (int(x) - 1).bit_length()

@@ -45,6 +45,7 @@ def paged_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DOT_FP32: tl.constexpr,  # fp32 operands in tl.dot: fp32 caches, and the CPU interpreter (bf16 dots are wrong there)
+    PRECISION: tl.constexpr,  # "ieee" in the interpreter, "tf32x3" (about fp32 accuracy on tensor cores) on GPU
 ):
     lst = tl.program_id(0)
     sp = tl.program_id(1)
@@ -79,7 +80,7 @@ def paged_decode_split_kernel(
         k = tl.load(KPool + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(VPool + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         if DOT_FP32:
-            s = tl.dot(qf, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(qf, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(ok[None, :], s * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
@@ -88,7 +89,7 @@ def paged_decode_split_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DOT_FP32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv

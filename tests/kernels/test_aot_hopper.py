@@ -1,24 +1,24 @@
-"""Every Triton kernel builds for sm_90a ahead of time (no GPU needed); resources are recorded."""
+"""Every Triton kernel builds for sm_90a ahead of time (no GPU needed), with no spills.
 
-import re
+The build runs in a child process without TRITON_INTERPRET (under the interpreter the kernels
+are Python functions, not compilable)."""
+
+import json
+import os
 import subprocess
-from pathlib import Path
-
-import pytest
-
-from dms_kernels.triton.aot import all_specs, compile_for_hopper
+import sys
 
 
-@pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.name)
-def test_compiles_for_sm90a_without_spills(spec, tmp_path):
-    import triton
-
-    kernel = compile_for_hopper(spec)
-    assert ".target sm_90a" in kernel.asm["ptx"]
-    cubin = tmp_path / "k.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    res = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
-    regs = re.search(r"REG:(\d+)", res)
-    assert regs and int(regs.group(1)) <= 255, res
-    assert re.search(r"STACK:0\b", res), f"local memory / spills in {spec.name}: {res}"
+def test_all_kernels_compile_for_sm90a_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "dms_kernels.triton.aot"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert rows, run.stderr[-3000:]
+    names = {r["kernel"].split("[")[0] for r in rows}
+    assert {"paged_decode", "paged_prefill"} <= names
+    for r in rows:
+        assert r["sm_90a"], r
+        assert r["stack"] == 0 and r["local"] == 0, f"spills or local memory: {r}"
+        assert r["reg"] <= 255, r
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -128,3 +128,22 @@ def test_bad_arguments_are_named():
         paged_decode_attention(q, kn.half(), kn, pool, pool, table, nr, kept, 1)
     with pytest.raises(ValueError, match="k_pool"):
         paged_decode_attention(q, kn, kn, torch.randn(4, 16, 32), pool, table, nr, kept, 1)
+
+
+def test_merge_survives_very_negative_scores():
+    """All scores near -500: an empty split must still weigh exactly 0 (exp(0 - top) would overflow)."""
+    from dms_kernels.triton.decode_op import paged_decode_attention
+
+    b, h, g, d, ps, w = 1, 2, 2, 64, 16, 16
+    n_ring, kept = torch.tensor([3]), torch.tensor([[0, 200]])  # head 0 has empty splits, head 1 fills them
+    k_pool, v_pool, table, R = random_cache(b, h, g, d, ps, w, n_ring, kept, torch.float32)
+    direction = torch.randn(d)
+    k_pool[:] = direction
+    k_new = direction.expand(b, h, d).clone()
+    q = -500.0 * direction / direction.pow(2).sum() * d**0.5
+    q = q.expand(b, h * g, d).clone()
+    v_new = torch.randn(b, h, d)
+    out = paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept, R, block_n=16)
+    assert torch.isfinite(out).all()
+    kl, vl, lens = dense_lists(k_pool, v_pool, table, n_ring, kept, R)
+    torch.testing.assert_close(out.double(), reference_decode(q, k_new, v_new, kl, vl, lens), rtol=1e-4, atol=1e-4)

@@ -16,9 +16,9 @@ from dms_runtime.paged.step import PagedStep
 L, HQ, H, D, MAX_LEN = 2, 4, 2, 4, 48
 
 
-def model_config(window):
+def model_config(window, d=D):
     return ModelConfig(arch="llama", vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=L, num_heads=HQ,
-                       num_kv_heads=H, head_dim=D, rms_norm_eps=1e-6, max_position_embeddings=MAX_LEN,
+                       num_kv_heads=H, head_dim=d, rms_norm_eps=1e-6, max_position_embeddings=MAX_LEN,
                        rope_theta=1e4, rope_scaling=None, attention_bias=False, o_bias=False, mlp_bias=False,
                        qk_norm=False, tie_word_embeddings=False, dms=DMSConfig(window_size=window))
 
@@ -26,13 +26,14 @@ def model_config(window):
 class History:
     """Everything a sequence has put through attention: per layer k, v [H, T, D] and logits [H, T]."""
 
-    def __init__(self):
-        self.k = [torch.zeros(H, 0, D, dtype=torch.float64) for _ in range(L)]
-        self.v = [torch.zeros(H, 0, D, dtype=torch.float64) for _ in range(L)]
-        self.logits = [torch.zeros(H, 0, dtype=torch.float64) for _ in range(L)]
+    def __init__(self, d=D, dtype=torch.float64):
+        self.d, self.dtype = d, dtype
+        self.k = [torch.zeros(H, 0, d, dtype=dtype) for _ in range(L)]
+        self.v = [torch.zeros(H, 0, d, dtype=dtype) for _ in range(L)]
+        self.logits = [torch.zeros(H, 0, dtype=torch.float32) for _ in range(L)]
 
     def copy(self):
-        h = History()
+        h = History(self.d, self.dtype)
         h.k, h.v, h.logits = list(self.k), list(self.v), list(self.logits)
         return h
 
@@ -42,11 +43,13 @@ class History:
 
 
 class Harness:
-    def __init__(self, window, page_size, num_pages, max_seqs):
+    def __init__(self, window, page_size, num_pages, max_seqs, attention=torch_paged_attention, d=D,
+                 dtype=torch.float64, tol=1e-9):
+        self.attention, self.d, self.tol = attention, d, tol
         self.w = window
-        self.cache = PagedKVCache(model_config(window), PagedConfig(page_size=page_size, max_seqs=max_seqs,
+        self.cache = PagedKVCache(model_config(window, d), PagedConfig(page_size=page_size, max_seqs=max_seqs,
                                                                      num_pages=num_pages),
-                                  torch.float64, "cpu", MAX_LEN)
+                                  dtype, "cpu", MAX_LEN)
         self.sched = Scheduler(self.cache, 64)
         self.seqs: dict[int, History] = {}  # slot -> history in the cache
         self.free_slots = list(range(max_seqs))
@@ -57,12 +60,13 @@ class Harness:
         b, t = len(slots), max(chunks.values())
         starts = torch.tensor([self.seqs[s].length for s in slots])
         n_new = torch.tensor([chunks[s] for s in slots])
-        step = PagedStep(self.cache, torch.tensor(slots), starts, n_new, torch_paged_attention)
+        step = PagedStep(self.cache, torch.tensor(slots), starts, n_new, self.attention)
         for layer in range(L):
-            q = torch.randn(b, HQ, t, D, dtype=torch.float64)
-            k = torch.randn(b, H, t, D, dtype=torch.float64)
-            v = torch.randn(b, H, t, D, dtype=torch.float64)
-            logits = torch.where(torch.rand(b, H, t) < evict_p, 1.0, -1.0).to(torch.float64)
+            dt = self.cache.dtype
+            q = torch.randn(b, HQ, t, self.d, dtype=dt)
+            k = torch.randn(b, H, t, self.d, dtype=dt)
+            v = torch.randn(b, H, t, self.d, dtype=dt)
+            logits = torch.where(torch.rand(b, H, t) < evict_p, 1.0, -1.0).to(torch.float32)
             for i, s in enumerate(slots):
                 if replay and s in replay:
                     src, a0 = replay[s], int(starts[i])
@@ -80,9 +84,12 @@ class Harness:
                 dec = ref.eviction_decisions(hist.logits[layer][None])
                 exp = ref.dms_attention_cached(q[i : i + 1, :, :n], hist.k[layer][None], hist.v[layer][None], dec,
                                                self.w, (int(starts[i]) + torch.arange(n))[None], torch.tensor([end]))
-                torch.testing.assert_close(out[i : i + 1, :, :n], exp, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(out[i : i + 1, :, :n], exp, rtol=self.tol, atol=self.tol)
         self.cache.seq_len[torch.tensor(slots)] += n_new
         self.check()
+
+    def new_history(self):
+        return History(self.d, self.cache.dtype)
 
     def check(self):
         self.cache.check_invariants()
@@ -102,14 +109,17 @@ class Harness:
 @settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), window=st.integers(1, 6), page_size=st.integers(1, 4), evict_p=st.sampled_from([0.0, 0.5, 0.9, 1.0]))
 def test_pool_invariants_under_random_traffic(data, window, page_size, evict_p):
-    hx = Harness(window, page_size, num_pages=400, max_seqs=4)
+    random_traffic(data, Harness(window, page_size, num_pages=400, max_seqs=4), evict_p)
+
+
+def random_traffic(data, hx, evict_p, max_steps=14):
     waiting: list[History] = []  # preempted sequences, to be recomputed
-    for _ in range(data.draw(st.integers(1, 14), label="steps")):
+    for _ in range(data.draw(st.integers(1, max_steps), label="steps")):
         action = data.draw(st.sampled_from(["arrive", "step", "step", "step", "fork", "preempt", "finish", "resume"]))
         running = sorted(hx.seqs)
         if action == "arrive" and hx.free_slots:
             slot = hx.free_slots.pop()
-            hx.seqs[slot] = History()
+            hx.seqs[slot] = hx.new_history()
             n = data.draw(st.integers(1, 12), label="prompt")
             if hx.fits({slot: n}):
                 hx.step({slot: n}, evict_p)
@@ -140,7 +150,7 @@ def test_pool_invariants_under_random_traffic(data, window, page_size, evict_p):
         elif action == "resume" and waiting and hx.free_slots:
             hist = waiting.pop(0)
             slot = hx.free_slots.pop()
-            hx.seqs[slot] = History()
+            hx.seqs[slot] = hx.new_history()
             chunk = data.draw(st.integers(1, 8), label="recompute chunk")
             while hx.seqs[slot].length < hist.length:  # recompute the same history in chunks
                 n = min(chunk, hist.length - hx.seqs[slot].length)

@@ -1,27 +1,56 @@
 """The single dispatch point for paged attention implementations.
 
-An implementation has the signature of :func:`attention_torch.torch_paged_attention`. The torch
-one runs everywhere; kernel backends (Triton, CUDA) register themselves here and are chosen by
-device and availability, or forced by name.
+An implementation has the signature of :func:`attention_torch.torch_paged_attention`. ``auto``
+picks, among the implementations that run natively on the device, the one with the highest
+priority (CUDA > Triton > torch); any can be forced by name where it can run at all (Triton on
+CPU runs under ``TRITON_INTERPRET=1``, for tests).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .attention_torch import torch_paged_attention
 
-_REGISTRY: dict[str, tuple[Callable, Callable[[torch.device], bool], int]] = {}
+
+@dataclass(frozen=True, slots=True)
+class Impl:
+    fn: Callable
+    native: Callable[[torch.device], bool]  # fast here: eligible for "auto"
+    runnable: Callable[[torch.device], bool]  # can run here at all: eligible when forced
+    priority: int
 
 
-def register(name: str, fn: Callable, available: Callable[[torch.device], bool], priority: int) -> None:
-    """Register an implementation; ``auto`` picks the available one with the highest priority."""
-    _REGISTRY[name] = (fn, available, priority)
+_REGISTRY: dict[str, Impl] = {}
 
 
-register("torch", torch_paged_attention, lambda device: True, priority=0)
+def register(name: str, fn: Callable, native, runnable=None, priority: int = 0) -> None:
+    _REGISTRY[name] = Impl(fn, native, runnable or native, priority)
+
+
+def _triton_fn(*args, **kwargs):
+    from dms_kernels.triton.attention_op import triton_paged_attention
+
+    return triton_paged_attention(*args, **kwargs)
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+register("torch", torch_paged_attention, lambda dev: True, priority=0)
+register("triton", _triton_fn,
+         native=lambda dev: dev.type == "cuda" and _has_triton(),
+         runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
+         priority=10)
 
 
 def names() -> list[str]:
@@ -29,13 +58,14 @@ def names() -> list[str]:
 
 
 def select(name: str, device: torch.device) -> tuple[str, Callable]:
+    device = torch.device(device)
     if name == "auto":
-        ok = [(prio, n) for n, (fn, avail, prio) in _REGISTRY.items() if avail(device)]
-        best = max(ok)[1]
-        return best, _REGISTRY[best][0]
+        best = max((impl.priority, n) for n, impl in _REGISTRY.items() if impl.native(device))[1]
+        return best, _REGISTRY[best].fn
     if name not in _REGISTRY:
         raise ValueError(f"attention: unknown backend {name!r}; available: auto, {', '.join(names())}")
-    fn, avail, _ = _REGISTRY[name]
-    if not avail(device):
-        raise ValueError(f"attention: backend {name!r} cannot run on {device}")
-    return name, fn
+    impl = _REGISTRY[name]
+    if not impl.runnable(device):
+        hint = " (on CPU set TRITON_INTERPRET=1)" if name == "triton" else ""
+        raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
+    return name, impl.fn
