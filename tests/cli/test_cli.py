@@ -36,3 +36,17 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "dms_runtime.cli", "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--max-new-tokens" in out.stdout
+
+
+def test_stream_and_samples(tiny_with_tokenizer, capsys):
+    rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "3", "--ignore-eos", "--stream", "Hi"])
+    assert rc == 0 and capsys.readouterr().out.strip()
+    rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "3", "--ignore-eos", "--samples", "2",
+               "--temperature", "1.0", "--seed", "3", "--json", "Hi"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(out["texts"]) == 2 and out["stats"]["backend"] == "paged/torch"
+
+
+def test_reference_backend_from_the_cli(tiny_with_tokenizer, capsys):
+    rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "2", "--backend", "reference", "--json", "Hi"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["stats"]["backend"] == "reference"

@@ -69,3 +69,30 @@ def test_fully_evicted_key_blocks_inside_the_window_are_not_skipped():
     hx.free_slots = []
     hx.step({0: 40}, 1.0)
     hx.step({0: 40}, 1.0)
+
+
+def test_custom_op_has_a_fake_implementation_and_validates():
+    import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, hq, h, t, d, w, ps = 2, 4, 2, 3, 16, 4, 4
+    with FakeTensorMode():
+        args = (torch.empty(b, hq, t, d), torch.empty(b, h, t, d), torch.empty(b, h, t, d),
+                torch.empty(b, h, t, dtype=torch.bool), torch.empty(b, dtype=torch.int64),
+                torch.empty(b, dtype=torch.int64), torch.empty(10, ps, d), torch.empty(10, ps, d),
+                torch.empty(b, h, 5, dtype=torch.int64), torch.empty(b, h, dtype=torch.int64),
+                torch.empty(b, h, w, dtype=torch.bool))
+        out = torch.ops.dms.paged_attention(*args, w, 1, None)
+        assert out.shape == (b, hq, t, d)
+    torch.library.opcheck(torch.ops.dms.paged_attention.default, (
+        torch.randn(b, hq, t, d), torch.randn(b, h, t, d), torch.randn(b, h, t, d),
+        torch.zeros(b, h, t, dtype=torch.bool), torch.tensor([3, 1]), torch.tensor([0, 5]),
+        torch.randn(10, ps, d), torch.randn(10, ps, d), torch.randint(0, 10, (b, h, 5)),
+        torch.tensor([[0, 2], [1, 0]]), torch.zeros(b, h, w, dtype=torch.bool), w, 1, None),
+        test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="new_evict: expected torch.bool"):
+        torch.ops.dms.paged_attention(torch.randn(b, hq, t, d), torch.randn(b, h, t, d), torch.randn(b, h, t, d),
+                                      torch.zeros(b, h, t), torch.tensor([3, 1]), torch.tensor([0, 5]),
+                                      torch.randn(10, ps, d), torch.randn(10, ps, d),
+                                      torch.randint(0, 10, (b, h, 5)), torch.tensor([[0, 2], [1, 0]]),
+                                      torch.zeros(b, h, w, dtype=torch.bool), w, 1, None)

@@ -33,9 +33,9 @@ def register(name: str, fn: Callable, native, runnable=None, priority: int = 0) 
 
 
 def _triton_fn(*args, **kwargs):
-    from dms_kernels.triton.attention_op import triton_paged_attention
+    from dms_kernels.ops import paged_attention_op  # torch.ops.dms.paged_attention (Triton kernels)
 
-    return triton_paged_attention(*args, **kwargs)
+    return paged_attention_op(*args, **kwargs)
 
 
 def _has_triton() -> bool:
