@@ -54,3 +54,37 @@ def paged_attention_op(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool
     """The paged runtime's attention signature, through ``torch.ops.dms.paged_attention``."""
     return torch.ops.dms.paged_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len,
                                          ring_evict, window, ring_pages, scale)
+
+
+@torch.library.custom_op("dms::paged_store", mutates_args=("k_pool", "v_pool", "ring_evict"))
+def paged_store(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    new_evict: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_table: torch.Tensor,
+    ring_evict: torch.Tensor,
+    lists: torch.Tensor,
+    kept0: torch.Tensor,
+    starts: torch.Tensor,
+    n_new: torch.Tensor,
+    window: int,
+    ring_pages: int,
+) -> None:
+    """Data movement of a store step (pages allocated beforehand): tokens leaving the window to the
+    kept store if kept, the new tokens inside the window into their ring slots."""
+    _runnable(k_new)
+    from .triton.store_op import paged_store as launch
+
+    launch(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
+           ring_pages)
+
+
+@paged_store.register_fake
+def _(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window, ring_pages):
+    return None
+
+
+def paged_store_op(*args):
+    return torch.ops.dms.paged_store(*args)

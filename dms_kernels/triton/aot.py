@@ -77,13 +77,34 @@ def prefill_specs() -> list[KernelSpec]:
     return out
 
 
+def store_specs() -> list[KernelSpec]:
+    from .paged_store import paged_store_kernel as k
+    from .store_op import store_block
+
+    out = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        for d in (64, 128):
+            for block in sorted({store_block(d, 1), store_block(d, 64)}):
+                sig = {
+                    "KNew": f"*{dtype}", "VNew": f"*{dtype}", "NewEvict": "*i8", "KPool": f"*{dtype}",
+                    "VPool": f"*{dtype}", "Table": "*i64", "RingEvict": "*i8", "Lists": "*i64", "Kept": "*i64",
+                    "Starts": "*i64", "NNew": "*i64", "H": "i32", "R": "i32", "W": "i32",
+                    **{name: "i32" for name in ("stride_kb", "stride_kh", "stride_kt", "stride_eb", "stride_eh",
+                                                "stride_pp", "stride_po", "stride_t", "stride_rw")},
+                    "PS": "constexpr", "D": "constexpr", "BLOCK": "constexpr",
+                }
+                out.append(KernelSpec(f"paged_store[{dtype},D={d},BLOCK={block}]", k, sig,
+                                      {"PS": 16, "D": d, "BLOCK": block}, num_warps=4))
+    return out
+
+
 def compile_for_hopper(spec: KernelSpec):
     src = ASTSource(spec.fn, spec.signature, spec.constexprs)
     return triton.compile(src, target=HOPPER, options={"num_warps": spec.num_warps})
 
 
 def all_specs() -> list[KernelSpec]:
-    return decode_specs() + prefill_specs()
+    return decode_specs() + prefill_specs() + store_specs()
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

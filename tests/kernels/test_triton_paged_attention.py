@@ -26,18 +26,24 @@ def triton_attention(*args, **kwargs):
     return triton_paged_attention(*args, **kwargs)
 
 
+def triton_store(*args):
+    from dms_kernels.triton.store_op import paged_store
+
+    return paged_store(*args)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), window=st.integers(1, 6), page_size=st.sampled_from([1, 3, 4]),
        evict_p=st.sampled_from([0.0, 0.6, 1.0]))
 def test_triton_attention_under_random_traffic(data, window, page_size, evict_p):
-    hx = Harness(window, page_size, num_pages=400, max_seqs=3, attention=triton_attention, d=16,
+    hx = Harness(window, page_size, num_pages=400, max_seqs=3, attention=triton_attention, store=triton_store, d=16,
                  dtype=torch.float32, tol=2e-4)
     random_traffic(data, hx, evict_p, max_steps=8)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
 def test_triton_attention_half_precision(dtype, tol):
-    hx = Harness(3, 4, num_pages=200, max_seqs=2, attention=triton_attention, d=16, dtype=dtype, tol=tol)
+    hx = Harness(3, 4, num_pages=200, max_seqs=2, attention=triton_attention, store=triton_store, d=16, dtype=dtype, tol=tol)
     for slot in (0, 1):
         hx.seqs[slot] = hx.new_history()
     hx.free_slots = []
@@ -64,7 +70,7 @@ def test_paged_runtime_through_triton_gives_reference_tokens(tiny_factory):
 def test_fully_evicted_key_blocks_inside_the_window_are_not_skipped():
     # a 40-token chunk where every key but the last is evicted: blocks of evicted keys are still
     # seen by the queries within w of them
-    hx = Harness(4, 4, num_pages=200, max_seqs=1, attention=triton_attention, d=16, dtype=torch.float32, tol=2e-4)
+    hx = Harness(4, 4, num_pages=200, max_seqs=1, attention=triton_attention, store=triton_store, d=16, dtype=torch.float32, tol=2e-4)
     hx.seqs[0] = hx.new_history()
     hx.free_slots = []
     hx.step({0: 40}, 1.0)

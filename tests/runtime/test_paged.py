@@ -99,13 +99,13 @@ def test_greedy_samples_all_equal_and_majority_vote():
 
 
 def test_preemption_recomputes_and_keeps_tokens(lm):
-    ps = prompts(5, 20, 40)
-    ref = dr.generate(lm, ps, max_new_tokens=20, ignore_eos=True, backend="reference")
+    # five short prompts are all admitted, then grow past the pool: someone must be preempted
+    ps = prompts(5, 4, 4)
+    ref = dr.generate(lm, ps, max_new_tokens=40, ignore_eos=True, backend="reference")
     L, H = lm.config.num_layers, lm.config.num_kv_heads
-    # room for about two sequences at once: the rest must wait or be preempted
-    pages = L * H * (2 + 16 + 2) * 2
+    pages = L * H * 25  # about 100 tokens per list in all, for 5 sequences of 44 tokens
     eng = Engine(lm.model, PagedConfig(page_size=4, prefill_chunk=16, max_seqs=5, max_model_len=64, num_pages=pages))
-    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     ids = [eng.add_request(p, params)[0] for p in ps]
     while eng.has_unfinished():
         eng.step()

@@ -44,8 +44,8 @@ class History:
 
 class Harness:
     def __init__(self, window, page_size, num_pages, max_seqs, attention=torch_paged_attention, d=D,
-                 dtype=torch.float64, tol=1e-9):
-        self.attention, self.d, self.tol = attention, d, tol
+                 dtype=torch.float64, tol=1e-9, store=None):
+        self.attention, self.d, self.tol, self.store = attention, d, tol, store
         self.w = window
         self.cache = PagedKVCache(model_config(window, d), PagedConfig(page_size=page_size, max_seqs=max_seqs,
                                                                      num_pages=num_pages),
@@ -60,7 +60,7 @@ class Harness:
         b, t = len(slots), max(chunks.values())
         starts = torch.tensor([self.seqs[s].length for s in slots])
         n_new = torch.tensor([chunks[s] for s in slots])
-        step = PagedStep(self.cache, torch.tensor(slots), starts, n_new, self.attention)
+        step = PagedStep(self.cache, torch.tensor(slots), starts, n_new, self.attention, store=self.store)
         for layer in range(L):
             dt = self.cache.dtype
             q = torch.randn(b, HQ, t, self.d, dtype=dt)

@@ -29,6 +29,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.free_slots = list(range(cache.max_seqs - 1, -1, -1))
         self.preemptions = 0
+        self.hold_admission = False  # set by a preemption, cleared when a request finishes
 
     # ------------------------------------------------------------------ page arithmetic (host ints)
 
@@ -61,6 +62,7 @@ class Scheduler:
         return self.free_slots.pop() if self.free_slots else None
 
     def finish(self, req: Request) -> None:
+        self.hold_admission = False
         req.status = FINISHED
         self.cache.free_seq(req.slot)
         self.free_slots.append(req.slot)
@@ -75,6 +77,7 @@ class Scheduler:
         req.status = WAITING
         req.preemptions += 1
         self.preemptions += 1
+        self.hold_admission = True
         self.running.remove(req)
         # back to the front, in arrival order
         self.waiting.appendleft(req)
@@ -83,6 +86,11 @@ class Scheduler:
     # ------------------------------------------------------------------ the next step
 
     def _admit(self) -> None:
+        """FIFO admission while a slot is free and the pages for the first chunk fit next to one
+        decode step of everything running. After a preemption nothing is admitted until a request
+        finishes (no thrashing: what was just freed goes to the requests already running)."""
+        if self.hold_admission:
+            return
         free = self.cache.free_top
         reserve = sum(self.step_pages(r.num_computed, 1) for r in self.running)
         while self.waiting and self.free_slots:
@@ -99,36 +107,38 @@ class Scheduler:
             reserve += self.step_pages(0, 1)
 
     def schedule(self) -> Batch | None:
+        """The next step: prefill chunks if any request has prompt left (chunks shrink to the free
+        pages), else one decode step for all; the latest arrivals are preempted when even that
+        cannot fit. The oldest running request always runs, so every request finishes."""
         self._admit()
         if not self.running:
             return None
-        prefilling = [r for r in self.running if r.prefilling]
+        free = self.cache.free_top
+        prefilling = sorted((r for r in self.running if r.prefilling), key=lambda r: r.arrival)
         if prefilling:
             reqs, chunks, budget = [], [], self.prefill_chunk
-            for r in sorted(prefilling, key=lambda r: r.arrival):
-                if budget == 0:
-                    break
+            for r in prefilling:
                 n = min(r.remaining, budget)
+                while n > 0 and self.step_pages(r.num_computed, n) > free:
+                    n //= 2
+                if n == 0:
+                    continue
                 reqs.append(r)
                 chunks.append(n)
                 budget -= n
-            batch = Batch(reqs, chunks, prefill=True)
-        else:
-            batch = Batch(list(self.running), [1] * len(self.running), prefill=False)
-        return self._fit(batch)
-
-    def _fit(self, batch: Batch) -> Batch | None:
-        """Preempt the latest arrivals until the step's pages are sure to be there."""
+                free -= self.step_pages(r.num_computed, n)
+                if budget == 0:
+                    break
+            if reqs:
+                return Batch(reqs, chunks, prefill=True)
         while True:
-            need = sum(self.step_pages(r.num_computed, n) for r, n in zip(batch.requests, batch.chunks))
-            if need <= self.cache.free_top or len(self.running) <= 1:
-                return batch
-            victim = max(self.running, key=lambda r: r.arrival)
-            if victim in batch.requests and len(batch.requests) == 1 and len(self.running) > 1:
-                victim = max((r for r in self.running if r is not victim), key=lambda r: r.arrival)
-            if victim in batch.requests:
-                i = batch.requests.index(victim)
-                del batch.requests[i], batch.chunks[i]
-            self.preempt(victim)
-            if not batch.requests:
-                return self.schedule()
+            decoding = [r for r in self.running if not r.prefilling]
+            need = sum(self.step_pages(r.num_computed, 1) for r in decoding)
+            if decoding and need <= self.cache.free_top:
+                return Batch(decoding, [1] * len(decoding), prefill=False)
+            oldest = min(self.running, key=lambda r: r.arrival)
+            if len(self.running) == 1:
+                # alone, a request fits by construction (add_request checked its worst case)
+                n = 1 if not oldest.prefilling else min(oldest.remaining, self.prefill_chunk)
+                return Batch([oldest], [n], prefill=oldest.prefilling)
+            self.preempt(max((r for r in self.running if r is not oldest), key=lambda r: r.arrival))

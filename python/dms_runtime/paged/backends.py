@@ -23,19 +23,26 @@ class Impl:
     native: Callable[[torch.device], bool]  # fast here: eligible for "auto"
     runnable: Callable[[torch.device], bool]  # can run here at all: eligible when forced
     priority: int
+    store: Callable | None = None  # data movement of the cache's store step (None: torch indexing)
 
 
 _REGISTRY: dict[str, Impl] = {}
 
 
-def register(name: str, fn: Callable, native, runnable=None, priority: int = 0) -> None:
-    _REGISTRY[name] = Impl(fn, native, runnable or native, priority)
+def register(name: str, fn: Callable, native, runnable=None, priority: int = 0, store: Callable | None = None) -> None:
+    _REGISTRY[name] = Impl(fn, native, runnable or native, priority, store)
 
 
 def _triton_fn(*args, **kwargs):
     from dms_kernels.ops import paged_attention_op  # torch.ops.dms.paged_attention (Triton kernels)
 
     return paged_attention_op(*args, **kwargs)
+
+
+def _triton_store(*args):
+    from dms_kernels.ops import paged_store_op  # torch.ops.dms.paged_store (Triton kernel)
+
+    return paged_store_op(*args)
 
 
 def _has_triton() -> bool:
@@ -50,7 +57,7 @@ register("torch", torch_paged_attention, lambda dev: True, priority=0)
 register("triton", _triton_fn,
          native=lambda dev: dev.type == "cuda" and _has_triton(),
          runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
-         priority=10)
+         priority=10, store=_triton_store)
 
 
 def names() -> list[str]:
@@ -58,6 +65,7 @@ def names() -> list[str]:
 
 
 def select(name: str, device: torch.device) -> tuple[str, Callable]:
+    """(name, attention function); :func:`store_for` gives the same backend's store mover."""
     device = torch.device(device)
     if name == "auto":
         best = max((impl.priority, n) for n, impl in _REGISTRY.items() if impl.native(device))[1]
@@ -69,3 +77,7 @@ def select(name: str, device: torch.device) -> tuple[str, Callable]:
         hint = " (on CPU set TRITON_INTERPRET=1)" if name == "triton" else ""
         raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
     return name, impl.fn
+
+
+def store_for(name: str) -> Callable | None:
+    return _REGISTRY[name].store

@@ -180,12 +180,14 @@ class PagedKVCache:
         slot = torch.remainder(starts - 1, self.w)[has_prev][:, None].expand_as(sel)
         self.ring_evict[sel, slot] = prev_evict[has_prev]
 
-    def store(self, lists, starts, n_new, k_new, v_new, new_evict) -> None:
+    def store(self, lists, starts, n_new, k_new, v_new, new_evict, mover=None) -> None:
         """Move tokens that leave the window into the kept store (or drop them), then write the
         step's last ``w`` tokens into the ring.
 
         lists ``[B, H]``; starts/n_new ``[B]``; k_new/v_new ``[B, H, T, D]`` (right-padded);
         new_evict ``[B, H, T]`` decisions of the new keys (the last one counts as keep).
+        Pages are allocated here with tensor ops; the data is moved by ``mover`` (the Triton store
+        kernel, same arguments as :meth:`_move_torch`) or by torch indexing.
         """
         b, h, t, d = k_new.shape
         w, ps, R = self.w, self.ps, self.R
@@ -193,7 +195,7 @@ class PagedKVCache:
         ends = starts + n_new  # first position not yet processed after this step
         cut = (ends - w)[:, None, None]  # positions < cut leave the window
 
-        # --- candidates leaving the window, in position order: ring (older) then the new chunk
+        # --- which tokens leave the window kept, in position order: ring (older) then the new chunk
         ring_pos = self.ring_positions(starts)  # [B, w] position of each ring slot
         order = torch.argsort(torch.where(ring_pos < 0, ring_pos.new_full((), 1 << 62), ring_pos), dim=-1)
         ring_pos_sorted = torch.gather(ring_pos, -1, order)  # [B, w]
@@ -204,48 +206,53 @@ class PagedKVCache:
         new_pos = starts[:, None] + a[None, :]  # [B, T]
         new_valid = (a[None, :] < n_new[:, None])[:, None, :] & (new_pos[:, None, :] < cut)
         keep = torch.cat([ring_valid & ~ring_evict, new_valid & ~new_evict], dim=-1)  # [B, H, w + T]
+        count = keep.sum(-1)  # [B, H]
+        kept0 = self.kept_len[lists]
 
-        if bool(keep.any()):
-            ring_flat = self.flat_slots(lists, ring_slot_sorted // ps, ring_slot_sorted % ps)
-            src_k = torch.cat([self.k_pool.view(-1, d)[ring_flat], k_new], dim=2)  # [B, H, w + T, D]
-            src_v = torch.cat([self.v_pool.view(-1, d)[ring_flat], v_new], dim=2)
-            count = keep.sum(-1)  # [B, H]
-            kept0 = self.kept_len[lists]
-            # pages for kept indices [kept0, kept0 + count)
-            first_col = (kept0 + ps - 1) // ps
-            last_col = (kept0 + count + ps - 1) // ps  # exclusive
-            j = torch.arange(math.ceil((w + t) / ps) + 1, device=dev)
-            cols = first_col[..., None] + j
-            need = cols < last_col[..., None]
-            li, hi, ji = need.nonzero(as_tuple=True)
-            self._alloc(lists[li, hi], R + cols[li, hi, ji])
-            dest = kept0[..., None] + torch.cumsum(keep, -1) - 1  # kept index of each candidate
-            bi, hh, ci = keep.nonzero(as_tuple=True)
-            di = dest[bi, hh, ci]
-            lst = lists[bi, hh]
-            flat = self.page_table[lst, R + di // ps] * ps + di % ps
-            self.k_pool.view(-1, d)[flat] = src_k[bi, hh, ci]
-            self.v_pool.view(-1, d)[flat] = src_v[bi, hh, ci]
-            self.kept_len[lists] = kept0 + count
-
-        # --- the ring takes the new tokens that are still inside the window
+        # --- pages: kept indices [kept0, kept0 + count), and ring pages touched for the first time
+        first_col = (kept0 + ps - 1) // ps
+        last_col = (kept0 + count + ps - 1) // ps  # exclusive
+        j = torch.arange(math.ceil((w + t) / ps) + 1, device=dev)
+        cols = first_col[..., None] + j
+        li, hi, ji = (cols < last_col[..., None]).nonzero(as_tuple=True)
+        self._alloc(lists[li, hi], R + cols[li, hi, ji])
         into_ring = (a[None, :] < n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
-        if not bool(into_ring.any()):
-            return
         slot = torch.remainder(new_pos, w)  # [B, T]
         bi, ai = into_ring.nonzero(as_tuple=True)
-        lst = lists[bi]  # [N, H]
-        s = slot[bi, ai][:, None].expand_as(lst)  # [N, H]
-        col = s // ps
-        missing = self.page_table[lst, col] < 0
-        if bool(missing.any()):
-            need_l, need_c = lst[missing], col[missing]
-            key = torch.unique(need_l * (R + self.K) + need_c)
-            self._alloc(key // (R + self.K), key % (R + self.K))
-        flat = self.page_table[lst, col] * ps + s % ps
-        self.k_pool.view(-1, d)[flat] = k_new[bi, :, ai]
-        self.v_pool.view(-1, d)[flat] = v_new[bi, :, ai]
-        self.ring_evict[lst, s] = new_evict[bi, :, ai]
+        ring_lists = lists[bi]  # [N, H]
+        ring_slots = slot[bi, ai][:, None].expand_as(ring_lists)  # [N, H]
+        col = ring_slots // ps
+        missing = self.page_table[ring_lists, col] < 0
+        need_l, need_c = ring_lists[missing], col[missing]
+        key = torch.unique(need_l * (R + self.K) + need_c)
+        self._alloc(key // (R + self.K), key % (R + self.K))
+
+        if mover is not None:
+            mover(k_new, v_new, new_evict, self.k_pool, self.v_pool, self.page_table, self.ring_evict, lists, kept0,
+                  starts, n_new, w, R)
+        else:
+            self._move_torch(lists, keep, kept0, ring_slot_sorted, k_new, v_new, new_evict, bi, ai, ring_lists,
+                             ring_slots)
+        self.kept_len[lists] = kept0 + count
+
+    def _move_torch(self, lists, keep, kept0, ring_slot_sorted, k_new, v_new, new_evict, bi, ai, ring_lists,
+                    ring_slots) -> None:
+        d, ps, R = self.D, self.ps, self.R
+        kflat, vflat = self.k_pool.view(-1, d), self.v_pool.view(-1, d)
+        if bool(keep.any()):
+            ring_flat = self.flat_slots(lists, ring_slot_sorted // ps, ring_slot_sorted % ps)
+            src_k = torch.cat([kflat[ring_flat], k_new], dim=2)  # [B, H, w + T, D]
+            src_v = torch.cat([vflat[ring_flat], v_new], dim=2)
+            dest = kept0[..., None] + torch.cumsum(keep, -1) - 1  # kept index of each candidate
+            kb, kh, kc = keep.nonzero(as_tuple=True)
+            di = dest[kb, kh, kc]
+            flat = self.page_table[lists[kb, kh], R + di // ps] * ps + di % ps
+            kflat[flat] = src_k[kb, kh, kc]
+            vflat[flat] = src_v[kb, kh, kc]
+        flat = self.page_table[ring_lists, ring_slots // ps] * ps + ring_slots % ps
+        kflat[flat] = k_new[bi, :, ai]
+        vflat[flat] = v_new[bi, :, ai]
+        self.ring_evict[ring_lists, ring_slots] = new_evict[bi, :, ai]
 
     # ------------------------------------------------------------------ sequences
 

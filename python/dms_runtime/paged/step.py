@@ -17,10 +17,11 @@ class PagedStep:
     """
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, starts: torch.Tensor, n_new: torch.Tensor,
-                 attention: Callable, logits_hook: Callable | None = None):
+                 attention: Callable, logits_hook: Callable | None = None, store: Callable | None = None):
         self.cache = cache
         self.slots, self.starts, self.n_new = slots, starts, n_new
         self.attention = attention
+        self.store = store  # the backend's store mover (None: torch indexing)
         self.logits_hook = logits_hook  # (layer, logits [B, H, T]) -> logits; benchmarks force decisions with it
         self.bytes_read = 0
 
@@ -42,5 +43,5 @@ class PagedStep:
                              c.page_table[lists], kept, c.ring_evict[lists], c.w, c.R)
         held = torch.clamp(self.starts, max=c.w)[:, None] + kept
         self.bytes_read += int(held.sum()) * c.token_bytes
-        c.store(lists, self.starts, self.n_new, k, v, new_evict)
+        c.store(lists, self.starts, self.n_new, k, v, new_evict, mover=self.store)
         return out
