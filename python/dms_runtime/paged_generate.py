@@ -70,6 +70,7 @@ def generate_paged(
             "dense_peak_bytes": st.peak_dense_bytes,
             "kv_bytes_read": st.kv_bytes_read,
             "kv_bytes_read_dense": st.kv_bytes_read_dense,
+            "kv_bytes_read_per_decode_step": st.decode_kv_bytes_read / max(st.decode_steps, 1),
             "steps": st.steps,
             "prefill_steps": st.prefill_steps,
             "decode_steps": st.decode_steps,

@@ -48,6 +48,7 @@ def test_same_tokens_as_reference(lm, batch, page_size, chunk):
     assert [o.live_tokens for o in got.outputs] == [o.live_tokens for o in ref.outputs]
     assert ref.stats.kv.compression_ratio > 1.2  # eviction really happened
     assert got.stats.extra["pool_final_bytes"] == 0
+    assert 0 < got.stats.extra["kv_bytes_read_per_decode_step"] and got.stats.extra["kv_bytes_read"] > 0
     if page_size == 1:  # no page rounding: the pool holds strictly less than a dense cache
         assert got.stats.extra["pool_peak_bytes"] < got.stats.extra["dense_peak_bytes"]
 

@@ -37,6 +37,7 @@ class EngineStats:
     decode_tokens: int = 0
     kv_bytes_read: int = 0  # bytes of K/V read by attention from the cache
     kv_bytes_read_dense: int = 0  # what a dense cache of the same positions would read
+    decode_kv_bytes_read: int = 0  # the part of kv_bytes_read read by decode steps
     peak_dense_bytes: int = 0  # the largest dense cache the running sequences would need
 
 
@@ -158,6 +159,7 @@ class Engine:
         else:
             st.decode_steps += 1
             st.decode_s += dt
+            st.decode_kv_bytes_read += step.bytes_read
             st.decode_tokens += len(reqs)
         return out
 
