@@ -88,3 +88,46 @@ def _(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, ke
 
 def paged_store_op(*args):
     return torch.ops.dms.paged_store(*args)
+
+
+@torch.library.custom_op("dms::fused_project", mutates_args=("ring_evict",))
+def fused_project(
+    q_raw: torch.Tensor,
+    k_raw: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    adapter_logits: torch.Tensor | None,
+    ring_evict: torch.Tensor,
+    lists: torch.Tensor,
+    starts: torch.Tensor,
+    n_new: torch.Tensor,
+    num_kv_heads: int,
+    variant: str,
+    eps: float,
+    scale: float,
+    offset: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k norm, eviction logit, borrowed-channel zeroing, RoPE and the previous key's decision
+    for the new tokens of one layer (``variant``: "borrowed", "adapter" or "none")."""
+    _runnable(q_raw)
+    from .triton.project_op import fused_project as launch
+
+    q, k, logits = launch(q_raw, k_raw, cos, sin, num_kv_heads=num_kv_heads, q_norm_weight=q_norm_weight,
+                          k_norm_weight=k_norm_weight, eps=eps, variant=None if variant == "none" else variant,
+                          adapter_logits=adapter_logits, scale=scale, offset=offset, ring_evict=ring_evict,
+                          lists=lists, starts=starts, n_new=n_new)
+    if logits is None:
+        logits = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+    return q, k, logits
+
+
+@fused_project.register_fake
+def _(q_raw, k_raw, cos, sin, q_norm_weight, k_norm_weight, adapter_logits, ring_evict, lists, starts, n_new,
+      num_kv_heads, variant, eps, scale, offset):
+    b, t, _ = q_raw.shape
+    d = k_raw.shape[2] // num_kv_heads
+    hq = q_raw.shape[2] // d
+    return (q_raw.new_empty(b, hq, t, d), k_raw.new_empty(b, num_kv_heads, t, d),
+            q_raw.new_empty(b, num_kv_heads, t, dtype=torch.float32))

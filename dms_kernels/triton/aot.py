@@ -98,13 +98,34 @@ def store_specs() -> list[KernelSpec]:
     return out
 
 
+def project_specs() -> list[KernelSpec]:
+    from .project import project_kernel as k
+
+    out = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        for d in (64, 128):
+            for variant in ("borrowed", "adapter", "none"):
+                for qk_norm in (False, True):
+                    sig = {
+                        "QRaw": f"*{dtype}", "KRaw": f"*{dtype}", "QNormW": f"*{dtype}", "KNormW": f"*{dtype}",
+                        "Cos": "*fp32", "Sin": "*fp32", "AdapterLogits": "*fp32", "QOut": f"*{dtype}",
+                        "KOut": f"*{dtype}", "Logits": "*fp32", "RingEvict": "*i8", "Lists": "*i64", "Starts": "*i64",
+                        "NNew": "*i64", "T": "i32", "HQ": "i32", "H": "i32", "G": "i32", "W": "i32", "eps": "fp32",
+                        "scale": "fp32", "offset": "fp32", "stride_rw": "i32",
+                        "D": "constexpr", "QK_NORM": "constexpr", "BORROWED": "constexpr", "ADAPTER": "constexpr",
+                    }
+                    const = {"D": d, "QK_NORM": qk_norm, "BORROWED": variant == "borrowed", "ADAPTER": variant == "adapter"}
+                    out.append(KernelSpec(f"fused_project[{dtype},D={d},{variant},qk_norm={qk_norm}]", k, sig, const))
+    return out
+
+
 def compile_for_hopper(spec: KernelSpec):
     src = ASTSource(spec.fn, spec.signature, spec.constexprs)
     return triton.compile(src, target=HOPPER, options={"num_warps": spec.num_warps})
 
 
 def all_specs() -> list[KernelSpec]:
-    return decode_specs() + prefill_specs() + store_specs()
+    return decode_specs() + prefill_specs() + store_specs() + project_specs()
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

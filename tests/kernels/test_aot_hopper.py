@@ -16,7 +16,7 @@ def test_all_kernels_compile_for_sm90a_without_spills():
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert rows, run.stderr[-3000:]
     names = {r["kernel"].split("[")[0] for r in rows}
-    assert {"paged_decode", "paged_prefill", "paged_store"} <= names
+    assert {"paged_decode", "paged_prefill", "paged_store", "fused_project"} <= names
     for r in rows:
         assert r["sm_90a"], r
         assert r["stack"] == 0 and r["local"] == 0, f"spills or local memory: {r}"

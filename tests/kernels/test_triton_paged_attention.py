@@ -53,18 +53,29 @@ def test_triton_attention_half_precision(dtype, tol):
     hx.step({0: 4, 1: 1}, 0.7)
 
 
-def test_paged_runtime_through_triton_gives_reference_tokens(tiny_factory):
-    folder, _ = tiny_factory(arch="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             extra_config={"dms_window_size": 4, "dms_initial_alpha_offset": 0.0})
+@pytest.mark.parametrize("arch,variant", [("llama", "borrowed"), ("qwen3", "adapter"), ("qwen3", "vanilla")])
+def test_paged_runtime_through_triton_gives_reference_tokens(tiny_factory, arch, variant):
+    """The whole layer path on the kernels: fused projection epilogue, chunk/decode attention, store."""
+    extra = {"dms_window_size": 4, "dms_initial_alpha_offset": 0.0}
+    if variant == "adapter":
+        extra["dms_separate_alpha"] = True
+    folder, _ = tiny_factory(arch=arch, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             **({"head_dim": 16} if arch == "qwen3" else {}),
+                             extra_config=None if variant == "vanilla" else extra)
     lm = dr.load(folder)
     assert lm.config.head_dim == 16
+    if variant == "adapter":
+        with torch.no_grad():
+            for layer in lm.model.model.layers:
+                layer.self_attn.dms_proj_alpha.weight.normal_(0, 0.05)
     ps = [torch.randint(0, 131, (n,)).tolist() for n in (9, 17, 3)]
     ref = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True, backend="reference")
     got = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True,
                       paged=dr.PagedConfig(attention="triton", page_size=4, prefill_chunk=6, max_seqs=3))
     assert got.stats.backend == "paged/triton"
     assert got.token_ids == ref.token_ids
-    assert ref.stats.kv.compression_ratio > 1.1
+    assert [o.live_tokens for o in got.outputs] == [o.live_tokens for o in ref.outputs]
+    assert (ref.stats.kv.compression_ratio > 1.1) == (variant != "vanilla")
 
 
 def test_fully_evicted_key_blocks_inside_the_window_are_not_skipped():
@@ -102,3 +113,19 @@ def test_custom_op_has_a_fake_implementation_and_validates():
                                       torch.randn(10, ps, d), torch.randn(10, ps, d),
                                       torch.randint(0, 10, (b, h, 5)), torch.tensor([[0, 2], [1, 0]]),
                                       torch.zeros(b, h, w, dtype=torch.bool), w, 1, None)
+
+
+@pytest.mark.parametrize("hq,d", [(2, 64), (8, 64), (16, 128)])
+def test_chunk_kernel_gqa_groups_and_head_dims(hq, d, monkeypatch):
+    """GQA groups 1, 4 and 8 (two KV heads) and head dims 64 and 128 through chunks and decode."""
+    import test_pool_hypothesis as hyp
+
+    monkeypatch.setattr(hyp, "HQ", hq)
+    hx = Harness(5, 4, num_pages=300, max_seqs=2, attention=triton_attention, store=triton_store, d=d,
+                 dtype=torch.bfloat16, tol=3e-2)
+    for slot in (0, 1):
+        hx.seqs[slot] = hx.new_history()
+    hx.free_slots = []
+    hx.step({0: 11, 1: 3}, 0.6)
+    hx.step({0: 1, 1: 7}, 0.6)
+    hx.step({0: 1, 1: 1}, 0.6)

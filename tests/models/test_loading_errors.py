@@ -34,13 +34,18 @@ def test_missing_shard(tiny_factory, tmp_path):
         load_model(dst)
 
 
-def test_unsupported_architecture(tiny_factory, tmp_path):
-    folder, _ = tiny_factory(arch="llama")
-    dst = tmp_path / "m"
+def copy_with_config(folder, dst, **changes):
+    """A copy of a model folder with some config.json keys changed."""
     shutil.copytree(folder, dst)
     raw = json.loads((dst / "config.json").read_text())
-    raw["architectures"] = ["GPT2LMHeadModel"]
+    raw.update(changes)
     (dst / "config.json").write_text(json.dumps(raw))
+    return dst
+
+
+def test_unsupported_architecture(tiny_factory, tmp_path):
+    folder, _ = tiny_factory(arch="llama")
+    dst = copy_with_config(folder, tmp_path / "m", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="unsupported architecture .*GPT2LMHeadModel.*supported: LlamaForCausalLM"):
         load_model(dst)
 
@@ -65,10 +70,6 @@ def test_bad_window_in_config(tiny_factory):
 
 def test_wrong_weight_shape(tiny_factory, tmp_path):
     folder, _ = tiny_factory(arch="llama")
-    dst = tmp_path / "m"
-    shutil.copytree(folder, dst)
-    raw = json.loads((dst / "config.json").read_text())
-    raw["intermediate_size"] = 100
-    (dst / "config.json").write_text(json.dumps(raw))
+    dst = copy_with_config(folder, tmp_path / "m", intermediate_size=100)
     with pytest.raises(ValueError, match="has shape .* the config implies"):
         load_model(dst)

@@ -11,7 +11,7 @@ import torch
 
 from ..models.decoder import DecoderLM
 from ..outputs import RequestOutput, StopChecker, check_finite
-from ..paged.backends import select, store_for
+from ..paged.backends import project_for, select, store_for
 from ..paged.cache import PagedConfig, PagedKVCache
 from ..paged.step import PagedStep
 from ..sampling import Sampler, SamplingParams
@@ -60,6 +60,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.config.prefill_chunk)
         self.attention_name, self.attention = select(self.config.attention, model.device)
         self.store = store_for(self.attention_name)
+        self.project = project_for(self.attention_name)
         self.eos_ids = set(eos_ids or cfg.eos_token_ids)
         self.tokenizer = tokenizer
         self.logits_hook = logits_hook  # replaces eviction logits, e.g. forced decisions in benchmarks
@@ -131,7 +132,7 @@ class Engine:
         n_new = torch.tensor(chunks, dtype=torch.int64, device=dev)
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64, device=dev)
         positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
-        step = PagedStep(self.cache, slots, starts, n_new, self.attention, self.logits_hook, self.store)
+        step = PagedStep(self.cache, slots, starts, n_new, self.attention, self.logits_hook, self.store, self.project)
         logits = self.model(ids.to(dev), positions, step, logits_index=n_new - 1)[:, 0].float()
         self.cache.seq_len[slots] += n_new
 

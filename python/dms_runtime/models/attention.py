@@ -63,9 +63,16 @@ class DMSAttention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q_lin, k_lin = self.q_proj(x), self.k_proj(x)  # [B, T, Hq*D], [B, T, Hkv*D]
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        project = getattr(backend, "project", None)
+        fused = project(self, q_lin, k_lin, h_pre, cos, sin) if project is not None else None
+        if fused is not None:  # a kernel did the norms, the logits, the zeroing and RoPE
+            q, k, logits = fused
+            out = backend.attend(self.layer, q, k, v, logits)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+        q = q_lin.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k_lin.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)

@@ -24,13 +24,15 @@ class Impl:
     runnable: Callable[[torch.device], bool]  # can run here at all: eligible when forced
     priority: int
     store: Callable | None = None  # data movement of the cache's store step (None: torch indexing)
+    project: Callable | None = None  # fused q/k norm + logits + RoPE + previous decision (None: torch ops)
 
 
 _REGISTRY: dict[str, Impl] = {}
 
 
-def register(name: str, fn: Callable, native, runnable=None, priority: int = 0, store: Callable | None = None) -> None:
-    _REGISTRY[name] = Impl(fn, native, runnable or native, priority, store)
+def register(name: str, fn: Callable, native, runnable=None, priority: int = 0, store: Callable | None = None,
+             project: Callable | None = None) -> None:
+    _REGISTRY[name] = Impl(fn, native, runnable or native, priority, store, project)
 
 
 def _triton_fn(*args, **kwargs):
@@ -45,6 +47,12 @@ def _triton_store(*args):
     return paged_store_op(*args)
 
 
+def _triton_project(*args):
+    import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
+
+    return torch.ops.dms.fused_project(*args)
+
+
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -57,7 +65,7 @@ register("torch", torch_paged_attention, lambda dev: True, priority=0)
 register("triton", _triton_fn,
          native=lambda dev: dev.type == "cuda" and _has_triton(),
          runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
-         priority=10, store=_triton_store)
+         priority=10, store=_triton_store, project=_triton_project)
 
 
 def names() -> list[str]:
@@ -81,3 +89,7 @@ def select(name: str, device: torch.device) -> tuple[str, Callable]:
 
 def store_for(name: str) -> Callable | None:
     return _REGISTRY[name].store
+
+
+def project_for(name: str) -> Callable | None:
+    return _REGISTRY[name].project
