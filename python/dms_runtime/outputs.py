@@ -36,7 +36,9 @@ class StopChecker:
         if last in self.stop_ids:
             return "stop"
         if self.params.stop:
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            # only the tail can hold a stop string that this token completed
+            tail = max(32, 4 * max(len(s) for s in self.params.stop))
+            text = self.tokenizer.decode(generated[-tail:], skip_special_tokens=True)
             if any(s in text for s in self.params.stop):
                 return "stop"
         if len(generated) >= self.params.max_new_tokens:

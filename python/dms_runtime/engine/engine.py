@@ -72,8 +72,9 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1,
-                    seed_offset: int | None = None) -> list[int]:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1) -> list[int]:
+        """Queue a prompt; returns the ids of its ``n`` samples. Sample ``i`` of the engine (ids
+        count from 0) draws from a generator seeded ``params.seed + i``."""
         params = params or SamplingParams()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected an int >= 1, got {n!r}")
@@ -102,7 +103,7 @@ class Engine:
                 if params.seed is None:
                     gen.seed()
                 else:
-                    gen.manual_seed(params.seed + (rid if seed_offset is None else seed_offset + j))
+                    gen.manual_seed(params.seed + rid)
             reqs.append(Request(rid, list(prompt_ids), params, stops, gen, next(self._arrivals)))
         parent = reqs[0]
         parent.pending_forks = reqs[1:]

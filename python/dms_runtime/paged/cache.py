@@ -33,7 +33,7 @@ class PagedConfig:
 
     page_size: tokens per page. num_pages: pages in the pool (shared by all layers, sequences
     and KV heads); None sizes it from ``kv_memory_bytes``, or, without that, for ``max_seqs``
-    dense sequences of ``max_model_len``. max_seqs: sequence slots (batch capacity).
+    dense sequences of ``max_model_len`` but at most 1 GiB (``generate()`` sizes it per call). max_seqs: sequence slots (batch capacity).
     prefill_chunk: prompt tokens per prefill step (chunked prefill). attention: which
     attention implementation runs ("auto", "torch", or a registered kernel backend).
     """
@@ -93,7 +93,7 @@ class PagedKVCache:
         elif pcfg.kv_memory_bytes is not None:
             pages = pcfg.kv_memory_bytes // (self.ps * self.token_bytes)
         else:
-            pages = self.L * self.H * self.max_seqs * (self.R + self.K)
+            pages = min(self.L * self.H * self.max_seqs * (self.R + self.K), (1 << 30) // (self.ps * self.token_bytes))
         if pages < 1:
             raise ValueError(f"num_pages: the pool would hold {pages} pages; give more kv_memory_bytes")
         self.P = int(pages)
