@@ -1,0 +1,114 @@
+"""Retrofit losses against the reference, the training attention, and a few real training steps
+(eviction rises toward the target, the base stays frozen, resume continues exactly)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dms_kernels import reference as ref
+from dms_runtime.models import load_model
+from dms_runtime.retrofit import (RetrofitConfig, Retrofitter, TrainingAttention, compression_target,
+                                  distillation_kl)
+
+
+def test_kl_is_zero_when_student_equals_teacher_and_matches_the_formula():
+    s = torch.randn(2, 5, 11)
+    assert distillation_kl(s, s.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    t = torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ps, pt = F.softmax(s, -1), F.softmax(t, -1)
+    kl = (ps * (ps.log() - pt.log())).sum(-1)
+    assert distillation_kl(s, t, mask).item() == pytest.approx((kl[mask].mean()).item(), rel=1e-5)
+    assert distillation_kl(s, t, mask).item() > 0
+
+
+def test_compression_target_anneals_and_the_loss_vanishes_once_met():
+    assert compression_target(0, 8) == 0.0
+    assert compression_target(100, 8, 100) == pytest.approx(0.5)
+    assert compression_target(10_000, 8, 100) == pytest.approx(1 - 1 / 8)
+    hard = torch.ones(2, 3, 2, 7)
+    assert ref.compression_loss(hard, compression_target(10_000, 8)).item() == 0.0
+    assert ref.compression_loss(hard * 0, 0.5).item() == pytest.approx(0.5)
+
+
+def test_training_attention_is_softmax_with_the_reference_bias():
+    b, hq, h, t, d, w, tau = 2, 4, 2, 9, 8, 2, 0.3
+    q, k, v = torch.randn(b, hq, t, d), torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    logits = torch.randn(b, h, t)
+    att = TrainingAttention(w, tau, torch.Generator().manual_seed(5))
+    out = att.attend(0, q, k, v, logits)
+    noise = ref.logistic_noise(logits.shape, generator=torch.Generator().manual_seed(5))
+    bias = ref.training_bias(logits, w, tau, noise).repeat_interleave(2, 1)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(d) + bias
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v.repeat_interleave(2, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(att.hard[0].detach(), (torch.sigmoid((logits + noise) / tau) > 0.5).float())
+
+
+@pytest.fixture
+def adapter_model(tiny_factory):
+    folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 2, "dms_separate_alpha": True})
+    return folder
+
+
+def test_training_raises_eviction_and_keeps_the_base_frozen(adapter_model, tmp_path):
+    model, _ = load_model(adapter_model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "dms_" not in n}
+    cfg = RetrofitConfig(final_cr=4, steps_per_cr=4, window=2, tau=0.1, lr=0.05, warmup_steps=2, seed=1)
+    tr = Retrofitter(model, cfg, log_path=tmp_path / "log.jsonl")
+    ids = torch.randint(0, 131, (4, 24))
+    lengths = torch.tensor([24, 20, 17, 24])
+    logs = [tr.step(ids, lengths) for _ in range(25)]
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    assert logs[0]["evicted_fraction"] < 0.05  # the zero-initialised adapter evicts nothing
+    assert logs[-1]["evicted_fraction"] > 0.3
+    for n, p in model.named_parameters():
+        if "dms_" not in n:
+            assert torch.equal(p, base[n]), n
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 25 and {"kl", "compression_loss", "achieved_cr", "tokens_per_s"} <= set(json.loads(lines[0]))
+
+
+def test_resume_continues_exactly(adapter_model, tmp_path):
+    ids = torch.randint(0, 131, (2, 16))
+    cfg = RetrofitConfig(final_cr=4, steps_per_cr=3, window=2, lr=0.05, warmup_steps=2, seed=3)
+    straight, _ = load_model(adapter_model)
+    tr = Retrofitter(straight, cfg)
+    for _ in range(6):
+        tr.step(ids)
+    first, _ = load_model(adapter_model)
+    tr1 = Retrofitter(first, cfg)
+    for _ in range(3):
+        tr1.step(ids)
+    tr1.save(tmp_path / "ckpt")
+    second, _ = load_model(adapter_model)
+    tr2 = Retrofitter(second, cfg)
+    tr2.resume(tmp_path / "ckpt")
+    for _ in range(3):
+        tr2.step(ids)
+    for (n, a), (_, b) in zip(straight.named_parameters(), second.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_bad_settings(adapter_model, tiny_factory):
+    with pytest.raises(ValueError, match="trainable"):
+        RetrofitConfig(trainable="some")
+    folder, _ = tiny_factory(arch="llama")
+    vanilla, _ = load_model(folder)
+    with pytest.raises(ValueError, match="model: load it with DMS settings"):
+        Retrofitter(vanilla, RetrofitConfig())
+    borrowed, _ = load_model(folder, dms={"dms_window_size": 2})
+    with pytest.raises(ValueError, match="trainable: 'dms' trains the adapter only"):
+        Retrofitter(borrowed, RetrofitConfig())
+
+
+def test_borrowed_variant_trains_all_weights(tiny_factory):
+    folder, _ = tiny_factory(arch="qwen3", head_dim=16, extra_config={"dms_window_size": 2})
+    model, _ = load_model(folder)
+    q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    tr = Retrofitter(model, RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=1e-3, trainable="all"))
+    rec = [tr.step(torch.randint(0, 131, (2, 12))) for _ in range(3)][-1]
+    assert math.isfinite(rec["loss"]) and rec["target_fraction"] > 0
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_before)
