@@ -76,6 +76,9 @@ def load(
     ``dms`` gives or overrides the DMS settings (a :class:`DMSConfig`, or a dict with keys
     like ``{"dms_window_size": 256}``); a checkpoint without ``dms_*`` keys loads as vanilla.
     """
+    adapter = Path(str(name_or_path)).expanduser()
+    if (adapter / "dms_config.json").is_file() and not (adapter / "config.json").is_file():
+        return _load_adapter(adapter, dtype=dtype, device=device, dms=dms)
     path, embedded = resolve(str(name_or_path))
     model, _ = load_model(path, dtype=_dtype(dtype), device=_device(device), dms=dms)
     tokenizer = None
@@ -84,6 +87,33 @@ def load(
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), path=path, embedded=embedded)
+
+
+def _load_adapter(folder: Path, *, dtype, device, dms) -> LoadedModel:
+    """A retrofit saved as DMS weights + settings on top of a base model named in dms_config.json."""
+    import json
+
+    from safetensors.torch import load_file
+
+    raw = json.loads((folder / "dms_config.json").read_text())
+    base = raw.get("base_model")
+    if not base:
+        raise ValueError(f"model: {folder}/dms_config.json names no base_model")
+    settings = {k: v for k, v in raw.items() if k.startswith("dms_")}
+    if dms is not None and not isinstance(dms, dict):
+        raise ValueError("dms: give a dict of dms_* keys to override a retrofit's settings")
+    settings.update(dms or {})
+    lm = load(base, dtype=dtype, device=device, dms=settings)
+    weights = load_file(str(folder / "dms_weights.safetensors"))
+    params = dict(lm.model.named_parameters())
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise ValueError(f"model: {folder} holds weights the base {base!r} does not have: {unknown[:4]}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w.to(params[n].dtype))
+    lm.name, lm.path = str(folder), folder
+    return lm
 
 
 @dataclass(slots=True)

@@ -115,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dms", description="Dynamic Memory Sparsification runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    from .retrofit import cli as retrofit_cli
+
+    retrofit_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "retrofit":
+            return retrofit_cli.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         print(f"dms {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,8 @@ def dms_parameter_names(model: DecoderLM) -> list[str]:
 class Retrofitter:
     """``step(input_ids, lengths)`` runs one optimisation step and returns its log record."""
 
-    def __init__(self, model: DecoderLM, config: RetrofitConfig, log_path: str | Path | None = None):
+    def __init__(self, model: DecoderLM, config: RetrofitConfig, log_path: str | Path | None = None,
+                 base_model: str | None = None):
         dms = model.config.dms
         if dms is None:
             raise ValueError("model: load it with DMS settings (dms={...}) before retrofitting")
@@ -64,7 +65,14 @@ class Retrofitter:
             if p.requires_grad:
                 self.params.append(p)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        # data parallel when a process group is up (torchrun): gradients are averaged over ranks
+        self.rank, self.world = 0, 1
+        self.student = model
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            self.student = torch.nn.parallel.DistributedDataParallel(model)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed + self.rank)
+        self.base_model = base_model
         self.step_count = 0
         self.log_path = Path(log_path) if log_path else None
 
@@ -85,7 +93,7 @@ class Retrofitter:
         with torch.no_grad(), eviction_off(model):
             teacher = model(input_ids, pos, FullSequenceAttention(lengths=lengths))
         backend = TrainingAttention(cfg.window, cfg.tau, self.generator, lengths)
-        student = model(input_ids, pos, backend)
+        student = self.student(input_ids, pos, backend)
         kl = distillation_kl(student, teacher, mask)
         hard = torch.stack(backend.hard)  # [L, B, Hkv, T]
         frac = hard.sum(dim=(0, 2, 3)) / (hard.shape[0] * hard.shape[2] * lengths.to(dev).clamp(min=1))
@@ -106,7 +114,7 @@ class Retrofitter:
             "achieved_cr": 1.0 / max(1e-9, 1.0 - frac.mean().item()), "grad_norm": float(grad_norm),
             "lr": self.lr_at(self.step_count - 1), "tokens_per_s": int(mask.sum()) / (time.perf_counter() - t0),
         }
-        if self.log_path:
+        if self.log_path and self.rank == 0:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
@@ -123,6 +131,8 @@ class Retrofitter:
         weights = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if id(p) in names}
         save_file(weights, str(folder / "dms_weights.safetensors"))
         (folder / "dms_config.json").write_text(json.dumps({**self.model.config.dms.to_hf_dict(),
+                                                            "base_model": self.base_model,
+                                                            "trainable": self.config.trainable,
                                                             "retrofit": asdict(self.config)}, indent=2))
         torch.save({"step": self.step_count, "optimizer": self.opt.state_dict(),
                     "generator": self.generator.get_state()}, folder / "trainer_state.pt")

@@ -1,0 +1,100 @@
+"""``dms retrofit``: retrofit a model with DMS on offline data; resumable; data parallel under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("retrofit", help="retrofit a model with DMS (distillation + compression loss)")
+    p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="embedded name, folder or .gguf (the base)")
+    p.add_argument("--out", required=True, help="output folder: DMS weights + settings (+ trainer state)")
+    p.add_argument("--cr", type=float, default=8.0, help="final compression ratio")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps-per-cr", type=int, default=100)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
+    p.add_argument("--trainable", choices=["dms", "all"], default="dms")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step and per process")
+    p.add_argument("--data", nargs="+", default=["stdlib", "synthetic"],
+                   help="'stdlib', 'synthetic', or .txt/.jsonl files")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def _documents(sources, seed, seq_len):
+    from . import data
+
+    streams = []
+    for src in sources:
+        if src == "stdlib":
+            streams.append(data.stdlib_documents(seed=seed))
+        elif src == "synthetic":
+            streams.append(data.synthetic_documents(10**9, n_filler=max(16, seq_len // 2), seed=seed))
+        else:
+            streams.append(data.text_documents([src]))
+    # interleave the sources document by document
+    for group in itertools.zip_longest(*streams):
+        for doc in group:
+            if doc is not None:
+                yield doc
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import dms_runtime as dr
+
+    from . import data
+    from .trainer import RetrofitConfig, Retrofitter
+
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    dms = {"dms_window_size": args.window, "dms_separate_alpha": args.variant == "adapter", "dms_tau": args.tau,
+           "dms_cr": args.cr}
+    lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms)
+    if lm.tokenizer is None:
+        raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
+    cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, window=args.window, tau=args.tau, lr=args.lr,
+                         warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Retrofitter(lm.model, cfg, log_path=out / "log.jsonl", base_model=args.model)
+    if args.resume and (out / "trainer_state.pt").is_file():
+        trainer.resume(out)
+    seqs = data.pack(_documents(args.data, args.seed, args.seq_len), lm.tokenizer, args.seq_len,
+                     eos_id=lm.tokenizer.eos_token_id)
+    stream = data.batches(seqs, args.batch)
+    # every rank skips what it (and the others) consumed before a resume, then takes its share
+    stream = itertools.islice(stream, trainer.step_count * world + rank, None, world)
+    bar = tqdm(total=args.steps, initial=trainer.step_count, disable=rank != 0, desc="retrofit")
+    for batch in stream:
+        if trainer.step_count >= args.steps:
+            break
+        rec = trainer.step(batch)
+        bar.update(1)
+        bar.set_postfix(kl=f"{rec['kl']:.4f}", cr=f"{rec['achieved_cr']:.2f}", target=f"{1 / (1 - rec['target_fraction']):.2f}")
+        if rank == 0 and (trainer.step_count % args.save_every == 0 or trainer.step_count == args.steps):
+            trainer.save(out)
+    bar.close()
+    if rank == 0:
+        trainer.save(out)
+        print(f"saved the retrofit to {out} (step {trainer.step_count}); load it with dms_runtime.load({str(out)!r})")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
