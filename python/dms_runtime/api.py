@@ -11,7 +11,7 @@ import torch
 from .config import DMSConfig, ModelConfig
 from .hub import EmbeddedModel, resolve
 from .models.decoder import DecoderLM
-from .models.loading import load_model
+from .models.loading import load_model, load_named_weights
 from .outputs import RequestOutput
 from .paged.cache import PagedConfig
 from .paged_generate import generate_paged
@@ -93,8 +93,6 @@ def _load_adapter(folder: Path, *, dtype, device, dms) -> LoadedModel:
     """A retrofit saved as DMS weights + settings on top of a base model named in dms_config.json."""
     import json
 
-    from safetensors.torch import load_file
-
     raw = json.loads((folder / "dms_config.json").read_text())
     base = raw.get("base_model")
     if not base:
@@ -104,14 +102,7 @@ def _load_adapter(folder: Path, *, dtype, device, dms) -> LoadedModel:
         raise ValueError("dms: give a dict of dms_* keys to override a retrofit's settings")
     settings.update(dms or {})
     lm = load(base, dtype=dtype, device=device, dms=settings)
-    weights = load_file(str(folder / "dms_weights.safetensors"))
-    params = dict(lm.model.named_parameters())
-    unknown = [n for n in weights if n not in params]
-    if unknown:
-        raise ValueError(f"model: {folder} holds weights the base {base!r} does not have: {unknown[:4]}")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w.to(params[n].dtype))
+    load_named_weights(lm.model, folder / "dms_weights.safetensors", what="model")
     lm.name, lm.path = str(folder), folder
     return lm
 

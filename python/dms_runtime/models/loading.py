@@ -128,3 +128,18 @@ def _materialise_rest(model: DecoderLM, cfg: ModelConfig, state, dtype, device) 
     if missing:
         raise ValueError(f"model_path: weights missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.model.rotary_emb.inv_freq = rope_inv_freq(cfg).to(device)
+
+
+def load_named_weights(model: DecoderLM, path: str | Path, what: str = "weights") -> None:
+    """Copy the tensors of a safetensors file into the model's parameters of the same names
+    (a retrofit's DMS weights, a checkpoint); names the model lacks are an error."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    params = dict(model.named_parameters())
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise ValueError(f"{what}: {Path(path).name} holds weights this model does not have: {unknown[:4]}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w.to(params[n].dtype))

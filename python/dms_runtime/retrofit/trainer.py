@@ -12,6 +12,7 @@ import torch
 
 from ..attention import FullSequenceAttention
 from ..models.decoder import DecoderLM
+from ..models.loading import load_named_weights
 from .attention import TrainingAttention, eviction_off
 from .losses import compression_target, distillation_kl
 
@@ -139,17 +140,8 @@ class Retrofitter:
         return folder
 
     def resume(self, folder: str | Path) -> None:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
-        weights = load_file(str(folder / "dms_weights.safetensors"))
-        params = dict(self.model.named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing:
-            raise ValueError(f"folder: weights {missing[:4]} do not belong to this model")
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
+        load_named_weights(self.model, folder / "dms_weights.safetensors", what="folder")
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
