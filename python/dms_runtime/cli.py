@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     from .retrofit import cli as retrofit_cli
 
     retrofit_cli.add_parser(sub)
+    retrofit_cli.add_eval_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
         if args.command == "retrofit":
             return retrofit_cli.run(args)
+        if args.command == "eval":
+            return retrofit_cli.run_eval(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         print(f"dms {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,42 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="fidelity to the vanilla model and achieved compression, per length")
+    p.add_argument("--model", "-m", required=True, help="a DMS model: folder, retrofit folder or embedded name")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--sequences", type=int, default=2, help="held-out texts per length")
+    p.add_argument("--passkey-trials", type=int, default=0, help="passkey retrieval trials per length (0: skip)")
+    p.add_argument("--dms-window", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def run_eval(args) -> int:
+    import json
+
+    import dms_runtime as dr
+
+    from .evaluate import fidelity, passkey_accuracy
+
+    lm = dr.load(args.model, dms={"dms_window_size": args.dms_window} if args.dms_window else None)
+    rows = []
+    for n in args.lengths:
+        row = fidelity(lm, n, args.sequences)
+        if args.passkey_trials:
+            row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
+        rows.append(row)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(f"{'length':>7} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | passkey dms / vanilla")
+    for r in rows:
+        pk = (f"{r.passkey_accuracy_dms:.2f} / {r.passkey_accuracy_vanilla:.2f}" if r.passkey_accuracy_dms is not None
+              else "-")
+        print(f"{r.length:>7} | {r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.live_fraction:>10.3f} | "
+              f"{r.compression_ratio:>6.2f} | {pk}")
+    return 0
+
+
 def _documents(sources, seed, seq_len):
     from . import data
 
