@@ -46,3 +46,17 @@ def test_text_and_jsonl_readers(tmp_path):
         list(text_documents([tmp_path / "c.jsonl"]))
     with pytest.raises(FileNotFoundError, match="data:"):
         list(text_documents([tmp_path / "missing.txt"]))
+
+
+def test_self_distillation_is_generated_once_and_cached(tiny_with_tokenizer, tmp_path):
+    import dms_runtime as dr
+    from dms_runtime.retrofit.data import self_distillation_documents, self_distillation_prompts
+
+    assert self_distillation_prompts(5, seed=1) == self_distillation_prompts(5, seed=1)
+    assert len(set(self_distillation_prompts(20, seed=1))) > 10
+    lm = dr.load(tiny_with_tokenizer)
+    docs = self_distillation_documents(lm, 3, seed=2, max_new_tokens=6, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.jsonl"))
+    assert len(docs) == 3 and len(files) == 1 and "<|im_start|>assistant" in docs[0]
+    again = self_distillation_documents(lm, 3, seed=2, max_new_tokens=6, cache_dir=tmp_path)
+    assert again == docs  # read back from the cache

@@ -112,3 +112,10 @@ def test_borrowed_variant_trains_all_weights(tiny_factory):
     rec = [tr.step(torch.randint(0, 131, (2, 12))) for _ in range(3)][-1]
     assert math.isfinite(rec["loss"]) and rec["target_fraction"] > 0
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_before)
+
+
+def test_bf16_autocast_step(adapter_model):
+    model, _ = load_model(adapter_model)
+    tr = Retrofitter(model, RetrofitConfig(final_cr=2, steps_per_cr=1, window=2, lr=0.01, autocast_bf16=True))
+    rec = tr.step(torch.randint(0, 131, (2, 12)))
+    assert math.isfinite(rec["loss"]) and model.model.layers[0].self_attn.dms_proj_alpha.weight.dtype == torch.float32

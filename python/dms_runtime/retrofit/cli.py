@@ -25,11 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4, help="sequences per step and per process")
     p.add_argument("--data", nargs="+", default=["stdlib", "synthetic"],
-                   help="'stdlib', 'synthetic', or .txt/.jsonl files")
+                   help="'stdlib', 'synthetic', 'selfdistill' (the base model's own answers, cached), or .txt/.jsonl files")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast of the forward passes")
 
 
 def add_eval_parser(sub) -> None:
@@ -68,12 +69,14 @@ def run_eval(args) -> int:
     return 0
 
 
-def _documents(sources, seed, seq_len):
+def _documents(sources, seed, seq_len, lm=None):
     from . import data
 
     streams = []
     for src in sources:
-        if src == "stdlib":
+        if src == "selfdistill":
+            streams.append(iter(data.self_distillation_documents(lm, n=256, seed=seed)))
+        elif src == "stdlib":
             streams.append(data.stdlib_documents(seed=seed))
         elif src == "synthetic":
             streams.append(data.synthetic_documents(10**9, n_filler=max(16, seq_len // 2), seed=seed))
@@ -107,13 +110,14 @@ def run(args) -> int:
     if lm.tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
     cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, window=args.window, tau=args.tau, lr=args.lr,
-                         warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed)
+                         warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
+                         autocast_bf16=args.autocast_bf16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Retrofitter(lm.model, cfg, log_path=out / "log.jsonl", base_model=args.model)
     if args.resume and (out / "trainer_state.pt").is_file():
         trainer.resume(out)
-    seqs = data.pack(_documents(args.data, args.seed, args.seq_len), lm.tokenizer, args.seq_len,
+    seqs = data.pack(_documents(args.data, args.seed, args.seq_len, lm), lm.tokenizer, args.seq_len,
                      eos_id=lm.tokenizer.eos_token_id)
     stream = data.batches(seqs, args.batch)
     # every rank skips what it (and the others) consumed before a resume, then takes its share

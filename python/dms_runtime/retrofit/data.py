@@ -98,3 +98,44 @@ def batches(sequences: Iterable[list[int]], batch_size: int) -> Iterator[torch.T
         if len(group) == batch_size:
             yield torch.tensor(group, dtype=torch.int64)
             group = []
+
+
+_TOPICS = ("the water cycle", "binary search", "photosynthesis", "the French revolution", "prime numbers",
+           "how a compiler works", "supply and demand", "black holes", "the immune system", "recursion",
+           "plate tectonics", "hash tables", "the Roman empire", "electric circuits", "probability",
+           "machine learning", "the human heart", "climate change", "sorting algorithms", "volcanoes")
+_ASKS = ("Explain {t} to a beginner.", "Write a short essay about {t}.", "Give three key facts about {t}.",
+         "What are common misconceptions about {t}?", "Summarize {t} in a paragraph.",
+         "Write a step-by-step explanation of {t}.", "Compare {t} with something from everyday life.")
+
+
+def self_distillation_prompts(n: int, seed: int = 0) -> list[str]:
+    """A seeded, varied prompt set (topics x kinds of request)."""
+    rng = random.Random(seed)
+    return [rng.choice(_ASKS).format(t=rng.choice(_TOPICS)) for _ in range(n)]
+
+
+def self_distillation_documents(lm, n: int, seed: int = 0, max_new_tokens: int = 256,
+                                cache_dir: str | Path | None = None) -> list[str]:
+    """The model's own answers to ``n`` seeded prompts (prompt + answer, chat-formatted), generated
+    once and cached as JSONL next to the converted models."""
+    from ..api import generate
+    from ..gguf_convert import cache_root
+
+    folder = Path(cache_dir) if cache_dir else cache_root() / "selfdistill"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "".join(c if c.isalnum() else "_" for c in str(lm.name))[-60:]
+    path = folder / f"{key}-n{n}-s{seed}-t{max_new_tokens}.jsonl"
+    if path.is_file():
+        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    prompts = self_distillation_prompts(n, seed)
+    res = generate(lm, prompts, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed)
+    docs = []
+    for p, ids in zip(prompts, res.token_ids):
+        chat = lm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=False) if lm.tokenizer.chat_template else p + "\n"
+        docs.append(chat + lm.tokenizer.decode(ids, skip_special_tokens=False))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"prompt": p, "text": d}) + "\n" for p, d in zip(prompts, docs)))
+    tmp.replace(path)
+    return docs

@@ -32,6 +32,7 @@ class RetrofitConfig:
     clip: float = 1.0
     trainable: str = "dms"
     seed: int = 0
+    autocast_bf16: bool = False  # bf16 autocast of the forward passes (fp32 master weights)
 
     def __post_init__(self):
         if self.trainable not in ("dms", "all"):
@@ -91,10 +92,12 @@ class Retrofitter:
         pos = torch.arange(t, device=dev).expand(b, t)
         mask = pos < lengths.to(dev)[:, None]
         model.train()
-        with torch.no_grad(), eviction_off(model):
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+        with torch.no_grad(), eviction_off(model), autocast:
             teacher = model(input_ids, pos, FullSequenceAttention(lengths=lengths))
         backend = TrainingAttention(cfg.window, cfg.tau, self.generator, lengths)
-        student = self.student(input_ids, pos, backend)
+        with autocast:
+            student = self.student(input_ids, pos, backend)
         kl = distillation_kl(student, teacher, mask)
         hard = torch.stack(backend.hard)  # [L, B, Hkv, T]
         frac = hard.sum(dim=(0, 2, 3)) / (hard.shape[0] * hard.shape[2] * lengths.to(dev).clamp(min=1))
