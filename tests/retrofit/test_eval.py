@@ -16,6 +16,7 @@ def test_fidelity_of_a_model_that_never_evicts_is_perfect(tiny_with_tokenizer):
     row = fidelity(lm, 40, sequences=2)
     assert row.kl_per_token == 0.0 and row.greedy_agreement == 1.0
     assert row.live_fraction == 1.0 and row.compression_ratio == 1.0
+    assert row.peak_live_fraction == 1.0 and row.read_fraction == 1.0
 
 
 def test_fidelity_with_evictions(tiny_with_tokenizer):
@@ -23,8 +24,8 @@ def test_fidelity_with_evictions(tiny_with_tokenizer):
     row = fidelity(lm, 40, sequences=1)
     assert row.kl_per_token > 0 and row.live_fraction < 1.0 and row.compression_ratio > 1.0
     assert 0 < row.greedy_agreement <= 1 and len(row.live_fraction_per_layer) == lm.config.num_layers
-    # the live count is the reference's minimum at the end of the sequence
     assert all(0 < f <= 1 for f in row.live_fraction_per_layer)
+    assert row.live_fraction <= row.peak_live_fraction < 1.0 and 0 < row.read_fraction < 1.0
 
 
 def test_eval_cli_json(tiny_with_tokenizer, capsys):

@@ -60,12 +60,13 @@ def run_eval(args) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
-    print(f"{'length':>7} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | passkey dms / vanilla")
+    print(f"{'length':>7} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | "
+          f"{'peak held':>9} | {'KV read':>7} | passkey dms / vanilla")
     for r in rows:
         pk = (f"{r.passkey_accuracy_dms:.2f} / {r.passkey_accuracy_vanilla:.2f}" if r.passkey_accuracy_dms is not None
               else "-")
         print(f"{r.length:>7} | {r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.live_fraction:>10.3f} | "
-              f"{r.compression_ratio:>6.2f} | {pk}")
+              f"{r.compression_ratio:>6.2f} | {r.peak_live_fraction:>9.3f} | {r.read_fraction:>7.3f} | {pk}")
     return 0
 
 

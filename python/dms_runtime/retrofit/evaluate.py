@@ -29,6 +29,8 @@ class FidelityRow:
     live_fraction: float  # live tokens / total at the end, over layers, heads and sequences
     compression_ratio: float
     live_fraction_per_layer: list[float]
+    peak_live_fraction: float  # the most tokens held at any point / a dense cache's final size
+    read_fraction: float  # K/V tokens read by all queries / what dense attention reads
     passkey_accuracy_dms: float | None = None
     passkey_accuracy_vanilla: float | None = None
 
@@ -47,7 +49,9 @@ def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234) -> FidelityR
         seqs.append(s)
         if len(seqs) == sequences:
             break
-    kls, agree, live, total = [], [], torch.zeros(cfg.num_layers), 0
+    kls, agree, live, total = [], [], torch.zeros(cfg.num_layers, dtype=torch.float64), 0
+    peak, reads, dense_reads = 0.0, 0.0, 0.0
+    w = cfg.dms.window_size
     for s in seqs:
         ids = torch.tensor([s], device=model.device)
         pos = torch.arange(length, device=model.device)[None]
@@ -57,13 +61,23 @@ def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234) -> FidelityR
         dms = model(ids, pos, backend)
         kls.append(distillation_kl(dms, vanilla).item())
         agree.append((dms.argmax(-1) == vanilla.argmax(-1)).float().mean().item())
+        held_over_time = 0
         for layer in range(cfg.num_layers):
-            live[layer] += ref.live_tokens(backend.decisions[layer], cfg.dms.window_size, length - 1).sum().item()
+            d = backend.decisions[layer]  # [1, H, T]
+            live[layer] += ref.live_tokens(d, w, length - 1).sum().item()
+            # held after position t: min(t + 1, w) + kept tokens older than the window
+            keep_old = torch.cumsum((~d).long(), -1)  # kept among 0..t
+            t = torch.arange(length)
+            older = torch.where(t - w >= 0, keep_old[..., (t - w).clamp(min=0)], torch.zeros_like(keep_old))
+            held_over_time = held_over_time + (torch.clamp(t + 1, max=w) + older).sum(1)  # [1, T] summed over heads
+            reads += ref.visibility_mask(d, w).sum().item()
+        peak = max(peak, float(held_over_time.max()) / (length * cfg.num_kv_heads * cfg.num_layers))
+        dense_reads += cfg.num_layers * cfg.num_kv_heads * length * (length + 1) / 2
         total += length * cfg.num_kv_heads
     per_layer = (live / max(total, 1)).tolist()
     frac = float(live.sum() / max(total * cfg.num_layers, 1))
     return FidelityRow(length, len(seqs), sum(kls) / len(kls), sum(agree) / len(agree), frac,
-                       1.0 / frac if frac else float("inf"), per_layer)
+                       1.0 / frac if frac else float("inf"), per_layer, peak, reads / max(dense_reads, 1))
 
 
 def passkey_accuracy(lm, length: int, trials: int = 4, seed: int = 99) -> tuple[float, float]:
