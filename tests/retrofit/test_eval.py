@@ -28,9 +28,10 @@ def test_fidelity_with_evictions(tiny_with_tokenizer):
     assert row.live_fraction <= row.peak_live_fraction < 1.0 and 0 < row.read_fraction < 1.0
 
 
-def test_eval_cli_json(tiny_with_tokenizer, capsys):
+def test_eval_cli_json(tiny_with_tokenizer, capsys, tmp_path):
     rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--lengths", "24", "32",
-               "--sequences", "1", "--passkey-trials", "2", "--json"])
+               "--sequences", "1", "--passkey-trials", "2", "--json", "--plot", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(capsys.readouterr().out)
     assert rc == 0 and [r["length"] for r in rows] == [24, 32]
     assert all(0 <= r["passkey_accuracy_dms"] <= 1 and 0 <= r["passkey_accuracy_vanilla"] <= 1 for r in rows)

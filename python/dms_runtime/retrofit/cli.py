@@ -40,7 +40,35 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--sequences", type=int, default=2, help="held-out texts per length")
     p.add_argument("--passkey-trials", type=int, default=0, help="passkey retrieval trials per length (0: skip)")
     p.add_argument("--dms-window", type=int, default=None)
+    p.add_argument("--plot", default=None, help="write quality vs KV memory / KV reads to this PNG")
     p.add_argument("--json", action="store_true")
+
+
+def plot_pareto(rows, path, label) -> None:
+    """Quality (KL per token to the vanilla model) against the two KV budgets, one point per length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axes[0], "live_fraction", "KV memory held (fraction of dense)"),
+                           (axes[1], "read_fraction", "KV tokens read (fraction of dense)")):
+        ax.scatter([1.0], [0.0], marker="s", color="black", label="vanilla")
+        xs = [getattr(r, key) for r in rows]
+        ys = [r.kl_per_token for r in rows]
+        ax.plot(xs, ys, "o-", label=label)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"{r.length}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(title)
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("KL(DMS || vanilla) per token")
+    axes[0].legend()
+    fig.suptitle("Fidelity vs KV budget (points: context length)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_eval(args) -> int:
@@ -57,6 +85,8 @@ def run_eval(args) -> int:
         if args.passkey_trials:
             row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
         rows.append(row)
+    if args.plot:
+        plot_pareto(rows, args.plot, f"DMS ({args.model})")
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
