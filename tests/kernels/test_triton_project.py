@@ -54,9 +54,11 @@ def test_project_matches_the_reference_path(variant, qk_norm, b, t, hq, h, d, dt
     eq, ek = rope(eq, cos, sin), rope(ek, cos, sin)
     if variant == "borrowed":
         eq = ref.zero_borrowed_channel(eq, h)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(q, eq, rtol=tol, atol=tol)
-    torch.testing.assert_close(k, ek, rtol=tol, atol=tol)
+    # bf16: the normed inputs may differ by an ulp (2^-8 relative) from torch's; RoPE adds two such
+    # terms of |x| up to ~4, then rounds again: absolute errors up to ~0.05
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 6e-2)
+    torch.testing.assert_close(q, eq, rtol=rtol, atol=atol)
+    torch.testing.assert_close(k, ek, rtol=rtol, atol=atol)
     if variant is None:
         assert logits is None and not ring.any()
         return
