@@ -30,8 +30,30 @@ def test_fidelity_with_evictions(tiny_with_tokenizer):
 
 def test_eval_cli_json(tiny_with_tokenizer, capsys, tmp_path):
     rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--lengths", "24", "32",
-               "--sequences", "1", "--passkey-trials", "2", "--json", "--plot", str(tmp_path / "p.png")])
+               "--sequences", "1", "--passkey-trials", "2", "--vartrack-trials", "2", "--json", "--plot", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(capsys.readouterr().out)
     assert rc == 0 and [r["length"] for r in rows] == [24, 32]
     assert all(0 <= r["passkey_accuracy_dms"] <= 1 and 0 <= r["passkey_accuracy_vanilla"] <= 1 for r in rows)
+    assert all(0 <= r["vartrack_accuracy_dms"] <= 1 and 0 <= r["vartrack_accuracy_vanilla"] <= 1 for r in rows)
+
+
+def test_task_accuracy_scores_exact_answers(tiny_with_tokenizer, monkeypatch):
+    """A model that answers every task right scores 1, one that never does scores 0."""
+    import dms_runtime.api as api
+    from dms_runtime.retrofit import evaluate
+
+    lm = dr.load(tiny_with_tokenizer, dms={"dms_window_size": 3})
+    answers = []
+
+    def fake_generate(model, prompts, **kw):
+        class R:
+            texts = [answers[i] if i < len(answers) else "" for i in range(len(prompts))]
+        return R()
+
+    task = lambda n, rng: ("Q?", " 12345")  # noqa: E731
+    monkeypatch.setattr(api, "generate", fake_generate)
+    answers[:] = [" 12345", " 12345"]
+    assert evaluate.task_accuracy(lm, 16, task, 2, 0) == (1.0, 1.0)
+    answers[:] = [" 999", " 1"]
+    assert evaluate.task_accuracy(lm, 16, task, 2, 0) == (0.0, 0.0)

@@ -39,6 +39,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--sequences", type=int, default=2, help="held-out texts per length")
     p.add_argument("--passkey-trials", type=int, default=0, help="passkey retrieval trials per length (0: skip)")
+    p.add_argument("--vartrack-trials", type=int, default=0, help="variable-tracking trials per length (0: skip)")
     p.add_argument("--dms-window", type=int, default=None)
     p.add_argument("--plot", default=None, help="write quality vs KV memory / KV reads to this PNG")
     p.add_argument("--json", action="store_true")
@@ -76,7 +77,7 @@ def run_eval(args) -> int:
 
     import dms_runtime as dr
 
-    from .evaluate import fidelity, passkey_accuracy
+    from .evaluate import fidelity, passkey_accuracy, vartrack_accuracy
 
     lm = dr.load(args.model, dms={"dms_window_size": args.dms_window} if args.dms_window else None)
     rows = []
@@ -84,6 +85,8 @@ def run_eval(args) -> int:
         row = fidelity(lm, n, args.sequences)
         if args.passkey_trials:
             row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
+        if args.vartrack_trials:
+            row.vartrack_accuracy_dms, row.vartrack_accuracy_vanilla = vartrack_accuracy(lm, n, args.vartrack_trials)
         rows.append(row)
     if args.plot:
         plot_pareto(rows, args.plot, f"DMS ({args.model})")
@@ -91,12 +94,14 @@ def run_eval(args) -> int:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     print(f"{'length':>7} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | "
-          f"{'peak held':>9} | {'KV read':>7} | passkey dms / vanilla")
+          f"{'peak held':>9} | {'KV read':>7} | passkey dms / vanilla | vartrack dms / vanilla")
     for r in rows:
         pk = (f"{r.passkey_accuracy_dms:.2f} / {r.passkey_accuracy_vanilla:.2f}" if r.passkey_accuracy_dms is not None
               else "-")
+        vt = (f"{r.vartrack_accuracy_dms:.2f} / {r.vartrack_accuracy_vanilla:.2f}"
+              if r.vartrack_accuracy_dms is not None else "-")
         print(f"{r.length:>7} | {r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.live_fraction:>10.3f} | "
-              f"{r.compression_ratio:>6.2f} | {r.peak_live_fraction:>9.3f} | {r.read_fraction:>7.3f} | {pk}")
+              f"{r.compression_ratio:>6.2f} | {r.peak_live_fraction:>9.3f} | {r.read_fraction:>7.3f} | {pk} | {vt}")
     return 0
 
 

@@ -16,7 +16,7 @@ from dms_kernels import reference as ref
 
 from ..attention import FullSequenceAttention
 from .attention import eviction_off
-from .data import pack, passkey_task, stdlib_documents
+from .data import pack, passkey_task, stdlib_documents, variable_tracking_task
 from .losses import distillation_kl
 
 
@@ -33,6 +33,8 @@ class FidelityRow:
     read_fraction: float  # K/V tokens read by all queries / what dense attention reads
     passkey_accuracy_dms: float | None = None
     passkey_accuracy_vanilla: float | None = None
+    vartrack_accuracy_dms: float | None = None
+    vartrack_accuracy_vanilla: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +84,16 @@ def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234) -> FidelityR
 
 def passkey_accuracy(lm, length: int, trials: int = 4, seed: int = 99) -> tuple[float, float]:
     """Greedy retrieval of a 5-digit pass key hidden in ~``length`` tokens: (DMS, vanilla) accuracy."""
+    return task_accuracy(lm, length, lambda n, rng: passkey_task(n, rng), trials, seed)
+
+
+def vartrack_accuracy(lm, length: int, trials: int = 4, seed: int = 77, hops: int = 3) -> tuple[float, float]:
+    """Variable tracking over ``hops`` chained assignments in ~``length`` tokens: (DMS, vanilla) accuracy."""
+    return task_accuracy(lm, length, lambda n, rng: variable_tracking_task(n, hops, rng), trials, seed)
+
+
+def task_accuracy(lm, length: int, make_task, trials: int, seed: int) -> tuple[float, float]:
+    """Greedy answers to synthetic tasks of about ``length`` tokens, with eviction on and off."""
     from ..api import generate
 
     rng = random.Random(seed)
@@ -89,7 +101,7 @@ def passkey_accuracy(lm, length: int, trials: int = 4, seed: int = 99) -> tuple[
     for _ in range(trials):
         n = max(8, length // 2)
         while True:
-            text, answer = passkey_task(n, rng)
+            text, answer = make_task(n, rng)
             ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) <= length or n <= 8:
                 break
