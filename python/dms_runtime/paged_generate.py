@@ -10,7 +10,7 @@ import torch
 from .engine import Engine
 from .models.decoder import DecoderLM
 from .outputs import RequestOutput
-from .paged.cache import PagedConfig
+from .paged.cache import PagedConfig, worst_case_pages
 from .sampling import SamplingParams
 from .stats import GenerationStats, KVFootprint
 
@@ -35,9 +35,8 @@ def generate_paged(
         config = dataclasses.replace(config, max_model_len=longest)
     if config.num_pages is None and config.kv_memory_bytes is None:
         # enough for every sequence with nothing evicted: a plain call never preempts
-        w = cfg.dms.window_size if cfg.dms_active else config.page_size
-        ps = config.page_size
-        per_seq = cfg.num_layers * cfg.num_kv_heads * (-(-min(longest, w) // ps) + -(-max(0, longest - w) // ps) + 1)
+        w = cfg.dms.window_size if cfg.dms_active else config.page_size  # the cache's ring size
+        per_seq = worst_case_pages(cfg.num_layers, cfg.num_kv_heads, w, config.page_size, longest)
         config = dataclasses.replace(config, num_pages=per_seq * total)
     t0 = time.perf_counter()
     engine = Engine(model, config, eos_ids=eos_ids, tokenizer=tokenizer)

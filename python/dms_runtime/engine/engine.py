@@ -138,7 +138,8 @@ class Engine:
         self.cache.seq_len[slots] += n_new
 
         st = self.stats
-        st.kv_bytes_read += step.bytes_read
+        read = step.bytes_read
+        st.kv_bytes_read += read
         st.kv_bytes_read_dense += sum(r.num_computed for r in reqs) * self.cache.L * self.cache.H * self.cache.token_bytes
         for r, n in zip(reqs, chunks):
             r.num_computed += n
@@ -161,7 +162,7 @@ class Engine:
         else:
             st.decode_steps += 1
             st.decode_s += dt
-            st.decode_kv_bytes_read += step.bytes_read
+            st.decode_kv_bytes_read += read
             st.decode_tokens += len(reqs)
         return out
 

@@ -6,7 +6,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from ..paged.cache import PagedKVCache
+from ..paged.cache import PagedKVCache, worst_case_pages
 from .request import FINISHED, RUNNING, WAITING, Request
 
 
@@ -44,7 +44,7 @@ class Scheduler:
     def worst_case_pages(self, total_tokens: int) -> int:
         """Pages a sequence of ``total_tokens`` positions holds if nothing is ever evicted."""
         c = self.cache
-        return c.L * c.H * (math.ceil(min(total_tokens, c.w) / c.ps) + math.ceil(max(0, total_tokens - c.w) / c.ps) + 1)
+        return worst_case_pages(c.L, c.H, c.w, c.ps, total_tokens)
 
     def fork_pages(self) -> int:
         c = self.cache

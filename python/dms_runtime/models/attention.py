@@ -67,10 +67,28 @@ class DMSAttention(nn.Module):
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         project = getattr(backend, "project", None)
         fused = project(self, q_lin, k_lin, h_pre, cos, sin) if project is not None else None
-        if fused is not None:  # a kernel did the norms, the logits, the zeroing and RoPE
-            q, k, logits = fused
-            out = backend.attend(self.layer, q, k, v, logits)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+        # a kernel may have done the norms, the logits, the zeroing and RoPE; otherwise torch does
+        q, k, logits = fused if fused is not None else self._project(q_lin, k_lin, h_pre, cos, sin)
+        out = backend.attend(self.layer, q, k, v, logits)  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+
+    def adapter_logits(self, h_pre: torch.Tensor) -> torch.Tensor:
+        """The adapter variant's eviction logits ``[B, Hkv, T]`` (float32) from the residual stream."""
+        dms = self.cfg.dms
+        return ref.adapter_eviction_logits(
+            h_pre,
+            self.dms_proj_alpha_norm.weight,
+            self.dms_proj_alpha.weight,
+            self.dms_proj_alpha.bias,
+            eps=self.dms_proj_alpha_norm.eps,
+            scale=dms.alpha_scale,
+            offset=dms.initial_alpha_offset,
+        )
+
+    def _project(self, q_lin, k_lin, h_pre, cos, sin):
+        """q/k norm, eviction logits, borrowed-channel zeroing and RoPE in torch ops."""
+        cfg = self.cfg
+        b, t, _ = q_lin.shape
         q = q_lin.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = k_lin.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
@@ -82,15 +100,7 @@ class DMSAttention(nn.Module):
         if cfg.dms_active:
             dms = cfg.dms
             if dms.separate_alpha:
-                logits = ref.adapter_eviction_logits(
-                    h_pre,
-                    self.dms_proj_alpha_norm.weight,
-                    self.dms_proj_alpha.weight,
-                    self.dms_proj_alpha.bias,
-                    eps=self.dms_proj_alpha_norm.eps,
-                    scale=dms.alpha_scale,
-                    offset=dms.initial_alpha_offset,
-                )
+                logits = self.adapter_logits(h_pre)
             else:
                 logits = ref.eviction_logits(q, cfg.num_kv_heads, dms.alpha_scale, dms.initial_alpha_offset)
                 q = ref.zero_borrowed_channel(q, cfg.num_kv_heads)  # before RoPE ...
@@ -102,6 +112,4 @@ class DMSAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if borrowed:
             q = ref.zero_borrowed_channel(q, cfg.num_kv_heads)  # ... and after (RoPE mixes D-1 with D/2-1)
-
-        out = backend.attend(self.layer, q, k, v, logits)  # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+        return q, k, logits

@@ -107,8 +107,7 @@ def model_config_from_hf(raw: dict[str, Any], dms: DMSConfig | None = None, wher
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=adapter.qkv_bias(raw),
-        o_bias=adapter.arch == "llama" and bool(raw.get("attention_bias", False))
-        or adapter.arch == "qwen3" and bool(raw.get("attention_bias", False)),
+        o_bias=adapter.arch != "qwen2" and bool(raw.get("attention_bias", False)),  # Qwen2: q/k/v only
         mlp_bias=bool(raw.get("mlp_bias", False)),
         qk_norm=adapter.qk_norm,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),

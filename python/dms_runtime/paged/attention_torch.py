@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .cache import ring_positions
+
 
 def gather_lists(k_pool, v_pool, table, kept_len, starts, window: int, ring_pages: int):
     """Held tokens of each list, padded to ``w + Kmax``.
@@ -22,9 +24,7 @@ def gather_lists(k_pool, v_pool, table, kept_len, starts, window: int, ring_page
     dev = table.device
     w = window
     r = torch.arange(w, device=dev)
-    last = (starts - 1)[:, None]
-    ring_pos = last - torch.remainder(last - r[None, :], w)
-    ring_pos = torch.where(ring_pos >= 0, ring_pos, torch.full_like(ring_pos, -1))[:, None, :].expand(b, h, w)
+    ring_pos = ring_positions(starts, w)[:, None, :].expand(b, h, w)
     ring_page_ids = torch.gather(table, -1, (r // ps).expand(b, h, w))
     ring_flat = torch.where(ring_pos >= 0, ring_page_ids * ps + r % ps, torch.zeros_like(ring_page_ids))
     kmax = int(kept_len.max()) if kept_len.numel() else 0

@@ -57,6 +57,24 @@ class PagedConfig:
                 raise ValueError(f"{name}: expected None or an int >= 1, got {v!r}")
 
 
+def worst_case_pages(num_layers: int, num_kv_heads: int, window: int, page_size: int, total_tokens: int) -> int:
+    """Pages one sequence of ``total_tokens`` positions holds if nothing is ever evicted: its ring,
+    its kept store, and one partly filled page of slack."""
+    ring = math.ceil(min(total_tokens, window) / page_size)
+    kept = math.ceil(max(0, total_tokens - window) / page_size)
+    return num_layers * num_kv_heads * (ring + kept + 1)
+
+
+def ring_positions(starts: torch.Tensor, window: int) -> torch.Tensor:
+    """Position held by each ring slot before a step that starts at ``starts`` ``[B]``:
+    ``[B, w]``, -1 where the slot holds nothing yet (slot ``r`` holds the latest ``p < start``
+    with ``p % w == r``)."""
+    r = torch.arange(window, device=starts.device)
+    last = (starts - 1)[:, None]
+    pos = last - torch.remainder(last - r[None, :], window)
+    return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+
+
 class PoolExhausted(RuntimeError):
     """Raised (before anything is written) when a step would need more pages than are free."""
 
@@ -163,14 +181,6 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ per layer, per step
 
-    def ring_positions(self, starts: torch.Tensor) -> torch.Tensor:
-        """Position held by each ring slot before a step that starts at ``starts`` ``[B]``:
-        ``[B, w]``, -1 where the slot holds nothing yet."""
-        r = torch.arange(self.w, device=self.device)
-        last = (starts - 1)[:, None]
-        pos = last - torch.remainder(last - r[None, :], self.w)  # the latest position <= last in slot r
-        return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
-
     def record_previous_decision(self, lists, starts, prev_evict) -> None:
         """The first logit of a step decides the key at ``starts - 1``, which sits in the ring.
 
@@ -196,7 +206,7 @@ class PagedKVCache:
         cut = (ends - w)[:, None, None]  # positions < cut leave the window
 
         # --- which tokens leave the window kept, in position order: ring (older) then the new chunk
-        ring_pos = self.ring_positions(starts)  # [B, w] position of each ring slot
+        ring_pos = ring_positions(starts, w)  # [B, w] position of each ring slot
         order = torch.argsort(torch.where(ring_pos < 0, ring_pos.new_full((), 1 << 62), ring_pos), dim=-1)
         ring_pos_sorted = torch.gather(ring_pos, -1, order)  # [B, w]
         ring_slot_sorted = order[:, None, :].expand(b, h, w)

@@ -26,7 +26,12 @@ class PagedStep:
         self.project_fn = project_fn  # the backend's fused projection epilogue (None: torch ops)
         self._recorded: set[int] = set()  # layers whose previous decision the fused kernel recorded
         self.logits_hook = logits_hook  # (layer, logits [B, H, T]) -> logits; benchmarks force decisions with it
-        self.bytes_read = 0
+        self._tokens_read = torch.zeros((), dtype=torch.int64, device=cache.device)
+
+    @property
+    def bytes_read(self) -> int:
+        """K/V bytes attention read from the cache in this step (one host sync)."""
+        return int(self._tokens_read) * self.cache.token_bytes
 
     def project(self, attn, q_lin, k_lin, h_pre, cos, sin):
         """q/k norm, eviction logits, zeroing, RoPE and the previous key's decision in one kernel;
@@ -36,16 +41,12 @@ class PagedStep:
             return None
         if cfg.dms_active and cfg.dms.alpha_per == "layer":
             return None
-        from dms_kernels import reference as ref
-
         c, dms = self.cache, cfg.dms
         variant, adapter = "none", None
         if cfg.dms_active:
             variant = "adapter" if dms.separate_alpha else "borrowed"
             if dms.separate_alpha:
-                adapter = ref.adapter_eviction_logits(h_pre, attn.dms_proj_alpha_norm.weight, attn.dms_proj_alpha.weight,
-                                                      attn.dms_proj_alpha.bias, eps=attn.dms_proj_alpha_norm.eps,
-                                                      scale=dms.alpha_scale, offset=dms.initial_alpha_offset)
+                adapter = attn.adapter_logits(h_pre)
         q, k, logits = self.project_fn(
             q_lin, k_lin, cos, sin, attn.q_norm.weight if cfg.qk_norm else None,
             attn.k_norm.weight if cfg.qk_norm else None, adapter, c.ring_evict, c.lists(attn.layer, self.slots),
@@ -72,6 +73,6 @@ class PagedStep:
         out = self.attention(q, k, v, new_evict, self.n_new, self.starts, c.k_pool, c.v_pool,
                              c.page_table[lists], kept, c.ring_evict[lists], c.w, c.R)
         held = torch.clamp(self.starts, max=c.w)[:, None] + kept
-        self.bytes_read += int(held.sum()) * c.token_bytes
+        self._tokens_read += held.sum()  # stays on the device: read once per step, not per layer
         c.store(lists, self.starts, self.n_new, k, v, new_evict, mover=self.store)
         return out
