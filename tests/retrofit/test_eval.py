@@ -1,6 +1,9 @@
 """`dms eval`: fidelity and compression against independent computations."""
 
 import json
+import math
+
+import pytest
 
 import torch
 
@@ -32,7 +35,7 @@ def test_eval_cli_json(tiny_with_tokenizer, capsys, tmp_path):
     rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--lengths", "24", "32",
                "--sequences", "1", "--passkey-trials", "2", "--vartrack-trials", "2", "--json", "--plot", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["fidelity"]
     assert rc == 0 and [r["length"] for r in rows] == [24, 32]
     assert all(0 <= r["passkey_accuracy_dms"] <= 1 and 0 <= r["passkey_accuracy_vanilla"] <= 1 for r in rows)
     assert all(0 <= r["vartrack_accuracy_dms"] <= 1 and 0 <= r["vartrack_accuracy_vanilla"] <= 1 for r in rows)
@@ -57,3 +60,30 @@ def test_task_accuracy_scores_exact_answers(tiny_with_tokenizer, monkeypatch):
     assert evaluate.task_accuracy(lm, 16, task, 2, 0) == (1.0, 1.0)
     answers[:] = [" 999", " 1"]
     assert evaluate.task_accuracy(lm, 16, task, 2, 0) == (0.0, 0.0)
+
+
+def test_compare_methods_puts_policies_at_the_dms_budget(tiny_with_tokenizer):
+    from dms_runtime.retrofit.evaluate import compare_methods
+
+    lm = dr.load(tiny_with_tokenizer, dms={"dms_window_size": 3, "dms_initial_alpha_offset": 0.0})
+    dms_row, rows = compare_methods(lm, 40, sequences=1, policies=["streaming", "tova", "h2o", "quest"],
+                                    passkey_trials=2)
+    by = {r.method: r for r in rows}
+    assert list(by) == ["vanilla", "dms", "streaming", "tova", "h2o", "quest"]
+    assert by["vanilla"].kl_per_token == 0 and by["vanilla"].held_fraction == 1.0
+    assert by["dms"].kl_per_token == dms_row.kl_per_token and by["dms"].held_fraction == dms_row.peak_live_fraction
+    budget = by["tova"].budget
+    assert budget == max(2, math.ceil(dms_row.peak_live_fraction * 40)) and budget < 40
+    for name in ("streaming", "tova", "h2o"):  # evicting policies hold the budget, no more
+        assert by[name].held_fraction == pytest.approx(min(budget, 40) / 40)
+        assert by[name].kl_per_token > 0 and 0 <= by[name].passkey_accuracy <= 1
+    assert by["quest"].held_fraction == 1.0 and by["quest"].read_fraction < 1.0
+    assert all(r.budget == budget for r in rows[2:])
+
+
+def test_eval_cli_policies_table_and_plot(tiny_with_tokenizer, capsys, tmp_path):
+    rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--lengths", "32", "--sequences", "1",
+               "--policy", "streaming", "quest", "--plot", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert rc == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "streaming" in out and "quest" in out and "budget" in out

@@ -32,6 +32,12 @@ def test_compression_target_anneals_and_the_loss_vanishes_once_met():
     hard = torch.ones(2, 3, 2, 7)
     assert ref.compression_loss(hard, compression_target(10_000, 8)).item() == 0.0
     assert ref.compression_loss(hard * 0, 0.5).item() == pytest.approx(0.5)
+    # a continued run (CR 4 -> 8) starts at its initial CR
+    assert compression_target(0, 8, 25, initial_cr=4) == pytest.approx(0.75)
+    assert compression_target(50, 8, 25, initial_cr=4) == pytest.approx(1 - 1 / 6)
+    assert compression_target(1000, 8, 25, initial_cr=4) == pytest.approx(1 - 1 / 8)
+    with pytest.raises(ValueError, match="initial_cr: expected between 1 and final_cr=4"):
+        compression_target(0, 4, initial_cr=5)
 
 
 def test_training_attention_is_softmax_with_the_reference_bias():
@@ -90,6 +96,23 @@ def test_resume_continues_exactly(adapter_model, tmp_path):
         tr2.step(ids)
     for (n, a), (_, b) in zip(straight.named_parameters(), second.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_init_from_starts_from_an_earlier_retrofit(adapter_model, tmp_path):
+    first, _ = load_model(adapter_model)
+    tr = Retrofitter(first, RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=0.05, warmup_steps=1, seed=1))
+    for _ in range(3):
+        tr.step(torch.randint(0, 131, (2, 16)))
+    tr.save(tmp_path / "cr2")
+    second, _ = load_model(adapter_model)
+    tr2 = Retrofitter(second, RetrofitConfig(final_cr=4, initial_cr=2, window=2, init_from=str(tmp_path / "cr2")))
+    assert tr2.step_count == 0
+    for (n, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), n
+    rec = tr2.step(torch.randint(0, 131, (2, 16)))
+    assert rec["target_fraction"] == pytest.approx(0.5)
+    with pytest.raises(FileNotFoundError, match="init_from: .* does not exist"):
+        Retrofitter(load_model(adapter_model)[0], RetrofitConfig(init_from=str(tmp_path / "nowhere")))
 
 
 def test_bad_settings(adapter_model, tiny_factory):

@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cr", type=float, default=8.0, help="final compression ratio")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--steps-per-cr", type=int, default=100)
+    p.add_argument("--init-from", default=None,
+                   help="start from this retrofit folder's DMS weights (fresh optimizer), e.g. CR 8 from CR 4")
+    p.add_argument("--cr-start", type=float, default=1.0, help="CR where the anneal starts (the --init-from CR)")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
@@ -34,42 +37,73 @@ def add_parser(sub) -> None:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="fidelity to the vanilla model and achieved compression, per length")
-    p.add_argument("--model", "-m", required=True, help="a DMS model: folder, retrofit folder or embedded name")
+    from .policies import POLICIES
+
+    p = sub.add_parser("eval", help="fidelity to the vanilla model and achieved compression, per length; "
+                                    "heuristic eviction policies at the same KV budget")
+    p.add_argument("--model", "-m", required=True, nargs="+",
+                   help="DMS models: folders, retrofit folders or embedded names (several: one curve each)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--sequences", type=int, default=2, help="held-out texts per length")
     p.add_argument("--passkey-trials", type=int, default=0, help="passkey retrieval trials per length (0: skip)")
     p.add_argument("--vartrack-trials", type=int, default=0, help="variable-tracking trials per length (0: skip)")
+    p.add_argument("--policy", nargs="+", default=[], choices=POLICIES,
+                   help="baselines run at each DMS model's peak KV budget: streaming (StreamingLLM), tova, h2o, "
+                        "quest; their passkey accuracy is teacher-forced, like vanilla's and DMS's next to them")
     p.add_argument("--dms-window", type=int, default=None)
     p.add_argument("--plot", default=None, help="write quality vs KV memory / KV reads to this PNG")
     p.add_argument("--json", action="store_true")
 
 
-def plot_pareto(rows, path, label) -> None:
-    """Quality (KL per token to the vanilla model) against the two KV budgets, one point per length."""
+_MARKERS = {"vanilla": "s", "dms": "o", "streaming": "v", "tova": "^", "h2o": "D", "quest": "P"}
+
+
+def plot_pareto(rows, path) -> None:
+    """Quality against the two KV budgets (memory held, tokens read): one series per method and
+    model, one point per length. Top: KL to the vanilla model; bottom: passkey accuracy, if measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, title in ((axes[0], "live_fraction", "KV memory held (fraction of dense)"),
-                           (axes[1], "read_fraction", "KV tokens read (fraction of dense)")):
-        ax.scatter([1.0], [0.0], marker="s", color="black", label="vanilla")
-        xs = [getattr(r, key) for r in rows]
-        ys = [r.kl_per_token for r in rows]
-        ax.plot(xs, ys, "o-", label=label)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(f"{r.length}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(title)
-        ax.set_xlim(0, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("KL(DMS || vanilla) per token")
-    axes[0].legend()
-    fig.suptitle("Fidelity vs KV budget (points: context length)")
+    with_acc = any(r.passkey_accuracy is not None for r in rows)
+    fig, axes = plt.subplots(2 if with_acc else 1, 2, figsize=(11, 8 if with_acc else 4), sharex=True, squeeze=False)
+    series: dict[str, list] = {}
+    for r in rows:
+        name = "vanilla" if r.method == "vanilla" else (f"DMS {r.model}" if r.method == "dms" else f"{r.method} @ {r.model}")
+        series.setdefault(name, []).append(r)
+    for col, key, title in ((0, "held_fraction", "KV memory held (peak, fraction of dense)"),
+                            (1, "read_fraction", "KV tokens read (fraction of dense)")):
+        for row, metric, ylabel in ((0, "kl_per_token", "KL(method || vanilla) per token"),
+                                    (1, "passkey_accuracy", "passkey accuracy (teacher-forced)"))[: 1 + with_acc]:
+            ax = axes[row][col]
+            for name, rs in series.items():
+                rs = [r for r in rs if getattr(r, metric) is not None]
+                if not rs:
+                    continue
+                xs, ys = [getattr(r, key) for r in rs], [getattr(r, metric) for r in rs]
+                ax.plot(xs, ys, marker=_MARKERS.get(rs[0].method, "x"), linestyle="-" if rs[0].method == "dms" else ":",
+                        label=name)
+                for r, x, y in zip(rs, xs, ys):
+                    ax.annotate(f"{r.length // 1024}K" if r.length >= 1024 else str(r.length), (x, y),
+                                textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.set_xlim(0, 1.05)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(ylabel)
+            if row == (1 if with_acc else 0):
+                ax.set_xlabel(title)
+    if axes[0][0].get_yaxis().get_scale() == "linear" and any(r.kl_per_token > 0 for r in rows):
+        for ax in axes[0]:
+            ax.set_yscale("symlog", linthresh=1e-3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Quality vs KV budget (points: context length)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _label(name: str) -> str:
+    return Path(name).name if os.sep in name else name
 
 
 def run_eval(args) -> int:
@@ -77,31 +111,49 @@ def run_eval(args) -> int:
 
     import dms_runtime as dr
 
-    from .evaluate import fidelity, passkey_accuracy, vartrack_accuracy
+    from .evaluate import MethodRow, compare_methods, fidelity, passkey_accuracy, vartrack_accuracy
 
-    lm = dr.load(args.model, dms={"dms_window_size": args.dms_window} if args.dms_window else None)
-    rows = []
-    for n in args.lengths:
-        row = fidelity(lm, n, args.sequences)
-        if args.passkey_trials:
-            row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
-        if args.vartrack_trials:
-            row.vartrack_accuracy_dms, row.vartrack_accuracy_vanilla = vartrack_accuracy(lm, n, args.vartrack_trials)
-        rows.append(row)
+    fid_rows, method_rows = [], []
+    for name in args.model:
+        lm = dr.load(name, dms={"dms_window_size": args.dms_window} if args.dms_window else None)
+        for n in args.lengths:
+            if args.policy:
+                row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, _label(name))
+                method_rows += [r for r in rows if r.method != "vanilla" or name == args.model[0]]
+            else:
+                row = fidelity(lm, n, args.sequences)
+                method_rows += [MethodRow("vanilla", _label(name), n, None, 0.0, 1.0, 1.0, 1.0),
+                                MethodRow("dms", _label(name), n, None, row.kl_per_token, row.greedy_agreement,
+                                          row.peak_live_fraction, row.read_fraction)]
+            if args.passkey_trials:
+                row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
+            if args.vartrack_trials:
+                row.vartrack_accuracy_dms, row.vartrack_accuracy_vanilla = vartrack_accuracy(lm, n, args.vartrack_trials)
+            fid_rows.append({"model": _label(name), **row.to_dict()})
     if args.plot:
-        plot_pareto(rows, args.plot, f"DMS ({args.model})")
+        plot_pareto(method_rows, args.plot)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(json.dumps({"fidelity": fid_rows, "methods": [r.to_dict() for r in method_rows]}, indent=2))
         return 0
-    print(f"{'length':>7} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | "
+    print(f"{'model':>28} | {'length':>6} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | "
           f"{'peak held':>9} | {'KV read':>7} | passkey dms / vanilla | vartrack dms / vanilla")
-    for r in rows:
-        pk = (f"{r.passkey_accuracy_dms:.2f} / {r.passkey_accuracy_vanilla:.2f}" if r.passkey_accuracy_dms is not None
-              else "-")
-        vt = (f"{r.vartrack_accuracy_dms:.2f} / {r.vartrack_accuracy_vanilla:.2f}"
-              if r.vartrack_accuracy_dms is not None else "-")
-        print(f"{r.length:>7} | {r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.live_fraction:>10.3f} | "
-              f"{r.compression_ratio:>6.2f} | {r.peak_live_fraction:>9.3f} | {r.read_fraction:>7.3f} | {pk} | {vt}")
+    for r in fid_rows:
+        pk = (f"{r['passkey_accuracy_dms']:.2f} / {r['passkey_accuracy_vanilla']:.2f}"
+              if r["passkey_accuracy_dms"] is not None else "-")
+        vt = (f"{r['vartrack_accuracy_dms']:.2f} / {r['vartrack_accuracy_vanilla']:.2f}"
+              if r["vartrack_accuracy_dms"] is not None else "-")
+        print(f"{r['model']:>28} | {r['length']:>6} | {r['kl_per_token']:>9.5f} | {r['greedy_agreement']:>12.3f} | "
+              f"{r['live_fraction']:>10.3f} | {r['compression_ratio']:>6.2f} | {r['peak_live_fraction']:>9.3f} | "
+              f"{r['read_fraction']:>7.3f} | {pk} | {vt}")
+    if args.policy:
+        print()
+        print(f"{'method':>10} | {'model':>28} | {'length':>6} | {'budget':>6} | {'KL/token':>9} | {'greedy agree':>12} | "
+              f"{'peak held':>9} | {'KV read':>7} | passkey (forced)")
+        for r in method_rows:
+            acc = "-" if r.passkey_accuracy is None else f"{r.passkey_accuracy:.2f}"
+            print(f"{r.method:>10} | {r.model:>28} | {r.length:>6} | {r.budget if r.budget else '-':>6} | "
+                  f"{r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.held_fraction:>9.3f} | "
+                  f"{r.read_fraction:>7.3f} | {acc}")
     return 0
 
 
@@ -145,7 +197,8 @@ def run(args) -> int:
     lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms)
     if lm.tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
-    cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, window=args.window, tau=args.tau, lr=args.lr,
+    cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, initial_cr=args.cr_start,
+                         init_from=args.init_from, window=args.window, tau=args.tau, lr=args.lr,
                          warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
                          autocast_bf16=args.autocast_bf16)
     out = Path(args.out)

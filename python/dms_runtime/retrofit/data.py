@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,10 +14,25 @@ from typing import Iterable, Iterator
 import torch
 
 
-def stdlib_documents(limit: int | None = None, seed: int = 0) -> Iterator[str]:
-    """Source files of the running Python's standard library, in a seeded order."""
+STDLIB_SPLITS = ("train", "heldout", "all")
+
+
+def _heldout(relpath: str) -> bool:
+    """One file in 20, chosen by a stable hash of its path: never trained on, used by ``dms eval``."""
+    return zlib.crc32(relpath.encode()) % 20 == 0
+
+
+def stdlib_documents(limit: int | None = None, seed: int = 0, split: str = "train") -> Iterator[str]:
+    """Source files of the running Python's standard library, in a seeded order.
+
+    split: "train" (19 files in 20), "heldout" (the rest, for evaluation) or "all".
+    """
+    if split not in STDLIB_SPLITS:
+        raise ValueError(f"split: expected one of {STDLIB_SPLITS}, got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    if split != "all":
+        files = [p for p in files if _heldout(p.relative_to(root).as_posix()) == (split == "heldout")]
     random.Random(seed).shuffle(files)
     for i, path in enumerate(files):
         if limit is not None and i >= limit:

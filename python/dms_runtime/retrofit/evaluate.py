@@ -3,10 +3,15 @@
 Teacher-forced on held-out text of a given length: KL(dms || vanilla) per token, greedy
 next-token agreement, and live tokens / total per (layer, KV head) at the end (the minimum a
 cache must hold, semantics §3). Passkey retrieval accuracy through generate().
+
+:func:`compare_methods` puts vanilla, DMS and the heuristic policies of :mod:`.policies` side by
+side at the KV budget DMS reached (its peak tokens held), on the same held-out texts, with needle
+accuracy scored teacher-forced (every answer token must be the greedy prediction) for all of them.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -40,29 +45,47 @@ class FidelityRow:
         return asdict(self)
 
 
+def heldout_sequences(lm, length: int, sequences: int, seed: int = 1234) -> list[list[int]]:
+    """``sequences`` token sequences of ``length`` from the held-out standard-library files."""
+    if length < 2 or sequences < 1:
+        raise ValueError(f"length/sequences: expected >= 2 and >= 1, got {length} and {sequences}")
+    seqs = []
+    for s in pack(stdlib_documents(seed=seed, split="heldout"), lm.tokenizer, length):
+        seqs.append(s)
+        if len(seqs) == sequences:
+            return seqs
+    raise ValueError(f"length: the held-out text holds fewer than {sequences} sequences of {length} tokens")
+
+
+def _forward(model, ids: list[int], backend) -> torch.Tensor:
+    t = torch.tensor([ids], device=model.device)
+    return model(t, torch.arange(len(ids), device=model.device)[None], backend)
+
+
 @torch.inference_mode()
-def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234) -> FidelityRow:
-    """Compare the model with eviction on and off on ``sequences`` stdlib texts of ``length`` tokens."""
+def vanilla_logits(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
+    with eviction_off(lm.model):
+        return [_forward(lm.model, s, FullSequenceAttention()) for s in seqs]
+
+
+@torch.inference_mode()
+def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234, vanilla: list[torch.Tensor] | None = None
+             ) -> FidelityRow:
+    """Compare the model with eviction on and off on ``sequences`` stdlib texts of ``length`` tokens
+    (``vanilla``: the eviction-off logits of :func:`heldout_sequences`, when already computed)."""
     model, cfg = lm.model, lm.config
     if not cfg.dms_active:
         raise ValueError("model: fidelity needs a DMS model with eviction on")
-    seqs = []
-    for s in pack(stdlib_documents(seed=seed), lm.tokenizer, length):
-        seqs.append(s)
-        if len(seqs) == sequences:
-            break
+    seqs = heldout_sequences(lm, length, sequences, seed)
+    vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
     kls, agree, live, total = [], [], torch.zeros(cfg.num_layers, dtype=torch.float64), 0
     peak, reads, dense_reads = 0.0, 0.0, 0.0
     w = cfg.dms.window_size
-    for s in seqs:
-        ids = torch.tensor([s], device=model.device)
-        pos = torch.arange(length, device=model.device)[None]
-        with eviction_off(model):
-            vanilla = model(ids, pos, FullSequenceAttention())
+    for s, van in zip(seqs, vanilla):
         backend = FullSequenceAttention(cfg.dms.window_size, record=True)
-        dms = model(ids, pos, backend)
-        kls.append(distillation_kl(dms, vanilla).item())
-        agree.append((dms.argmax(-1) == vanilla.argmax(-1)).float().mean().item())
+        dms = _forward(model, s, backend)
+        kls.append(distillation_kl(dms, van).item())
+        agree.append((dms.argmax(-1) == van.argmax(-1)).float().mean().item())
         held_over_time = 0
         for layer in range(cfg.num_layers):
             d = backend.decisions[layer]  # [1, H, T]
@@ -92,10 +115,8 @@ def vartrack_accuracy(lm, length: int, trials: int = 4, seed: int = 77, hops: in
     return task_accuracy(lm, length, lambda n, rng: variable_tracking_task(n, hops, rng), trials, seed)
 
 
-def task_accuracy(lm, length: int, make_task, trials: int, seed: int) -> tuple[float, float]:
-    """Greedy answers to synthetic tasks of about ``length`` tokens, with eviction on and off."""
-    from ..api import generate
-
+def task_prompts(lm, length: int, make_task, trials: int, seed: int) -> tuple[list[list[int]], list[str]]:
+    """``trials`` task prompts of at most ``length`` tokens and their answers."""
     rng = random.Random(seed)
     prompts, keys = [], []
     for _ in range(trials):
@@ -107,7 +128,16 @@ def task_accuracy(lm, length: int, make_task, trials: int, seed: int) -> tuple[f
                 break
             n = int(n * 0.8)
         prompts.append(ids[-length:])
-        keys.append(answer.strip())
+        keys.append(answer)
+    return prompts, keys
+
+
+def task_accuracy(lm, length: int, make_task, trials: int, seed: int) -> tuple[float, float]:
+    """Greedy answers to synthetic tasks of about ``length`` tokens, with eviction on and off."""
+    from ..api import generate
+
+    prompts, keys = task_prompts(lm, length, make_task, trials, seed)
+    keys = [k.strip() for k in keys]
     scores = []
     for off in (False, True):
         if off:
@@ -117,3 +147,81 @@ def task_accuracy(lm, length: int, make_task, trials: int, seed: int) -> tuple[f
             res = generate(lm, prompts, max_new_tokens=8, ignore_eos=True)
         scores.append(sum(k in (t or "") for k, t in zip(keys, res.texts)) / trials)
     return scores[0], scores[1]
+
+
+# ---------------------------------------------------------------------------- methods side by side
+
+
+@dataclass(slots=True)
+class MethodRow:
+    """One method at one length: quality and the two KV budgets (fractions of a dense cache)."""
+
+    method: str  # "vanilla", "dms" or a policy name
+    model: str
+    length: int
+    budget: int | None  # KV tokens per (layer, KV head) given to a policy; None for vanilla / DMS
+    kl_per_token: float
+    greedy_agreement: float
+    held_fraction: float  # the most KV tokens held at any step / a dense cache at the end
+    read_fraction: float  # K/V tokens read by all queries / dense
+    passkey_accuracy: float | None = None  # teacher-forced exact answers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def forced_accuracy(model, tasks: list[tuple[list[int], list[int]]], make_backend) -> float:
+    """Fraction of tasks whose every answer token is the greedy prediction, teacher-forced."""
+    right = 0
+    for prompt, answer in tasks:
+        logits = _forward(model, prompt + answer, make_backend())
+        pred = logits[0, len(prompt) - 1: len(prompt) + len(answer) - 1].argmax(-1).tolist()
+        right += pred == answer
+    return right / max(len(tasks), 1)
+
+
+def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_trials: int = 0,
+                    label: str = "dms", seed: int = 1234) -> tuple[FidelityRow, list[MethodRow]]:
+    """Vanilla, DMS, and each policy at DMS's budget (its peak KV tokens held per layer and head);
+    also DMS's :class:`FidelityRow` on the same texts."""
+    from .policies import PolicyAttention
+
+    model, cfg = lm.model, lm.config
+    seqs = heldout_sequences(lm, length, sequences, seed)
+    vanilla = vanilla_logits(lm, seqs)
+    dms_row = fidelity(lm, length, sequences, seed, vanilla=vanilla)
+    budget = max(2, math.ceil(dms_row.peak_live_fraction * length))
+    tasks = []
+    if passkey_trials:
+        prompts, answers = task_prompts(lm, length, lambda n, rng: passkey_task(n, rng), passkey_trials, 99)
+        tasks = [(p, lm.tokenizer(a, add_special_tokens=False)["input_ids"]) for p, a in zip(prompts, answers)]
+
+    def accuracy(make_backend, evict: bool):
+        if not tasks:
+            return None
+        if evict:
+            return forced_accuracy(model, tasks, make_backend)
+        with eviction_off(model):
+            return forced_accuracy(model, tasks, make_backend)
+
+    rows = [MethodRow("vanilla", label, length, None, 0.0, 1.0, 1.0, 1.0,
+                      accuracy(FullSequenceAttention, evict=False)),
+            MethodRow("dms", label, length, None, dms_row.kl_per_token, dms_row.greedy_agreement,
+                      dms_row.peak_live_fraction, dms_row.read_fraction,
+                      accuracy(lambda: FullSequenceAttention(cfg.dms.window_size), evict=True))]
+    dense_held = length * cfg.num_kv_heads * cfg.num_layers
+    dense_reads = cfg.num_layers * cfg.num_kv_heads * length * (length + 1) / 2
+    for policy in policies:
+        kls, agree, held, reads = [], [], 0.0, 0.0
+        with torch.inference_mode(), eviction_off(model):
+            for s, van in zip(seqs, vanilla):
+                backend = PolicyAttention(policy, budget)
+                out = _forward(model, s, backend)
+                kls.append(distillation_kl(out, van).item())
+                agree.append((out.argmax(-1) == van.argmax(-1)).float().mean().item())
+                held = max(held, backend.held_peak / dense_held)
+                reads += backend.reads / dense_reads / len(seqs)
+        rows.append(MethodRow(policy, label, length, budget, sum(kls) / len(kls), sum(agree) / len(agree), held,
+                              reads, accuracy(lambda: PolicyAttention(policy, budget), evict=False)))
+    return dms_row, rows

@@ -24,11 +24,14 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def compression_target(step: int, final_cr: float, steps_per_cr: int = 100) -> float:
-    """``1 - 1/CR`` with CR annealed linearly from 1 to ``final_cr``, one unit per ``steps_per_cr``."""
+def compression_target(step: int, final_cr: float, steps_per_cr: int = 100, initial_cr: float = 1.0) -> float:
+    """``1 - 1/CR`` with CR annealed linearly from ``initial_cr`` (1: no compression) to ``final_cr``,
+    one unit per ``steps_per_cr``. A run that continues an earlier retrofit starts at its CR."""
     if final_cr < 1:
         raise ValueError(f"final_cr: expected >= 1, got {final_cr}")
+    if not 1 <= initial_cr <= final_cr:
+        raise ValueError(f"initial_cr: expected between 1 and final_cr={final_cr}, got {initial_cr}")
     if steps_per_cr < 1:
         raise ValueError(f"steps_per_cr: expected >= 1, got {steps_per_cr}")
-    cr = min(float(final_cr), 1.0 + step / steps_per_cr)
+    cr = min(float(final_cr), float(initial_cr) + step / steps_per_cr)
     return 1.0 - 1.0 / cr

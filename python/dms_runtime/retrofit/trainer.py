@@ -24,6 +24,7 @@ class RetrofitConfig:
 
     final_cr: float = 8.0
     steps_per_cr: int = 100
+    initial_cr: float = 1.0  # > 1 when continuing an earlier retrofit (``init_from``) at its CR
     window: int = 256
     tau: float = 0.1
     lr: float = 1e-3
@@ -33,6 +34,7 @@ class RetrofitConfig:
     trainable: str = "dms"
     seed: int = 0
     autocast_bf16: bool = False  # bf16 autocast of the forward passes (fp32 master weights)
+    init_from: str | None = None  # a retrofit folder whose DMS weights start this run (fresh optimizer)
 
     def __post_init__(self):
         if self.trainable not in ("dms", "all"):
@@ -41,6 +43,8 @@ class RetrofitConfig:
             raise ValueError(f"window: expected >= 1, got {self.window}")
         if not self.tau > 0:
             raise ValueError(f"tau: expected > 0, got {self.tau}")
+        if not 1 <= self.initial_cr <= self.final_cr:
+            raise ValueError(f"initial_cr: expected between 1 and final_cr={self.final_cr}, got {self.initial_cr}")
 
 
 def dms_parameter_names(model: DecoderLM) -> list[str]:
@@ -60,6 +64,11 @@ class Retrofitter:
                              "(the borrowed-neuron variant trains q_proj: use trainable='all')")
         dms.window_size, dms.tau, dms.cr, dms.disable_eviction = config.window, config.tau, config.final_cr, False
         self.model, self.config = model, config
+        if config.init_from is not None:
+            init = Path(config.init_from) / "dms_weights.safetensors"
+            if not init.is_file():
+                raise FileNotFoundError(f"init_from: {str(init)!r} does not exist (expected a retrofit folder)")
+            load_named_weights(model, init, what="init_from")
         names = set(dms_parameter_names(model)) if config.trainable == "dms" else None
         self.params = []
         for n, p in model.named_parameters():
@@ -101,7 +110,7 @@ class Retrofitter:
         kl = distillation_kl(student, teacher, mask)
         hard = torch.stack(backend.hard)  # [L, B, Hkv, T]
         frac = hard.sum(dim=(0, 2, 3)) / (hard.shape[0] * hard.shape[2] * lengths.to(dev).clamp(min=1))
-        target = compression_target(self.step_count, cfg.final_cr, cfg.steps_per_cr)
+        target = compression_target(self.step_count, cfg.final_cr, cfg.steps_per_cr, cfg.initial_cr)
         comp = torch.relu(target - frac).mean()
         loss = kl + comp
         for g in self.opt.param_groups:

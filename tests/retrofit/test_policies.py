@@ -1,0 +1,107 @@
+"""The heuristic baselines against step-by-step re-implementations written from their papers' rules."""
+
+import math
+
+import pytest
+import torch
+
+from dms_runtime.retrofit.policies import PolicyAttention, policy_mask
+
+
+def naive_evicting(policy, q, k, budget):
+    """One KV head at a time, one query at a time, with plain Python sets."""
+    hkv, g, t, d = q.shape
+    mask = torch.zeros((hkv, t, t), dtype=torch.bool)
+    for h in range(hkv):
+        cache, acc = [], {}
+        for i in range(t):
+            cache.append(i)
+            for j in cache:
+                mask[h, i, j] = True
+            s = torch.stack([(q[h, :, i] * k[h, j]).sum(-1) / math.sqrt(d) for j in cache], -1)  # [G, n]
+            p = torch.softmax(s, -1).mean(0)
+            for j, pj in zip(cache, p.tolist()):
+                acc[j] = acc.get(j, 0.0) + pj
+            if len(cache) > budget:
+                if policy == "tova":
+                    victim = cache[int(p.argmin())]
+                else:  # h2o: never the budget // 2 most recent
+                    old = [j for j in cache if j <= i - budget // 2]
+                    victim = min(old, key=lambda j: (acc[j], j))
+                cache.remove(victim)
+    return mask
+
+
+def naive_quest(q, k, budget, page):
+    hkv, g, t, d = q.shape
+    mask = torch.zeros((hkv, t, t), dtype=torch.bool)
+    for h in range(hkv):
+        for i in range(t):
+            own = i // page
+            scores = []
+            for p in range(own + 1):
+                kp = k[h, p * page: min((p + 1) * page, t)]
+                hi, lo = kp.max(0).values, kp.min(0).values
+                sc = sum(torch.maximum(q[h, x, i] * hi, q[h, x, i] * lo).sum() for x in range(g))
+                scores.append(math.inf if p == own else float(sc))
+            keep = sorted(range(own + 1), key=lambda p: -scores[p])[: max(1, budget // page)]
+            for p in keep:
+                mask[h, i, p * page: min((p + 1) * page, i + 1)] = True
+    return mask
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+@pytest.mark.parametrize("t,budget,g", [(1, 4, 1), (9, 4, 2), (23, 6, 3), (30, 30, 1), (17, 2, 2)])
+def test_evicting_policies_match_step_by_step(policy, t, budget, g):
+    gen = torch.Generator().manual_seed(t * 7 + budget)
+    q = torch.randn(2, g, t, 8, generator=gen)
+    k = torch.randn(2, t, 8, generator=gen)
+    got = policy_mask(policy, q, k, budget)
+    assert torch.equal(got, naive_evicting(policy, q, k, budget))
+    # at most budget + 1 keys per query (itself appended before the eviction), all causal
+    assert int(got.sum(-1).max()) <= budget + 1
+    assert not torch.triu(got, 1).any()
+
+
+@pytest.mark.parametrize("t,budget,page", [(1, 4, 4), (13, 8, 4), (32, 8, 4), (21, 5, 2), (40, 64, 16)])
+def test_quest_matches_page_by_page(t, budget, page):
+    gen = torch.Generator().manual_seed(t + budget)
+    q = torch.randn(3, 2, t, 8, generator=gen)
+    k = torch.randn(3, t, 8, generator=gen)
+    got = policy_mask("quest", q, k, budget, page_size=page)
+    assert torch.equal(got, naive_quest(q, k, budget, page))
+    assert got[:, torch.arange(t), torch.arange(t)].all()  # the own page, hence the query itself, is read
+
+
+def test_streaming_keeps_sinks_and_the_recent_tokens():
+    m = policy_mask("streaming", torch.zeros(1, 1, 12, 4), torch.zeros(1, 12, 4), budget=6, sinks=2)[0]
+    assert m[11].nonzero().flatten().tolist() == [0, 1, 8, 9, 10, 11]
+    assert m[3].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert int(m.sum(-1).max()) == 6
+
+
+def test_policy_arguments_are_checked():
+    with pytest.raises(ValueError, match="policy: expected one of"):
+        policy_mask("lru", torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4), 4)
+    with pytest.raises(ValueError, match="budget: expected an int >= 2"):
+        PolicyAttention("tova", 1)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tova", "h2o", "quest"])
+def test_a_budget_as_large_as_the_sequence_is_full_attention(policy):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 20, 16, generator=gen) for h in (4, 2, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    backend = PolicyAttention(policy, 32)
+    torch.testing.assert_close(backend.attend(0, q, k, v, None), ref, atol=1e-5, rtol=1e-5)
+    assert backend.reads == 2 * 20 * 21 // 2 and backend.held_end == 2 * 20
+
+
+def test_a_small_budget_changes_the_output_and_counts_reads():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, h, 40, 16, generator=gen) for h in (4, 2, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    backend = PolicyAttention("tova", 8)
+    out = backend.attend(0, q, k, v, None)
+    assert not torch.allclose(out, ref, atol=1e-3) and torch.isfinite(out).all()
+    assert backend.held_peak == 2 * 8 and backend.reads < 2 * 40 * 41 // 2
