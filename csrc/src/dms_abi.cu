@@ -5,17 +5,21 @@
 #include <string>
 
 #include "dms/dms.h"
+#include "status.h"
+
+namespace dms {
+namespace detail {
 
 namespace {
-
 thread_local std::string g_last_error;
+}  // namespace
 
 dmsStatus_t fail(dmsStatus_t status, const char* file, int line, const std::string& msg) {
   g_last_error = std::string(file) + ":" + std::to_string(line) + ": " + msg;
   return status;
 }
 
-#define DMS_FAIL(status, msg) fail((status), __FILE__, __LINE__, (msg))
+const char* last_error() { return g_last_error.c_str(); }
 
 dmsStatus_t check_device() {
   int count = 0;
@@ -27,6 +31,13 @@ dmsStatus_t check_device() {
   }
   return DMS_SUCCESS;
 }
+
+}  // namespace detail
+}  // namespace dms
+
+namespace {
+
+using dms::detail::check_device;
 
 __global__ void eviction_decisions_kernel(const float* __restrict__ logits, uint8_t* __restrict__ decisions,
                                           int64_t rows, int64_t T) {
@@ -52,7 +63,7 @@ const char* dms_status_string(dmsStatus_t status) {
   return "DMS_UNKNOWN_STATUS";
 }
 
-const char* dms_last_error(void) { return g_last_error.c_str(); }
+const char* dms_last_error(void) { return dms::detail::last_error(); }
 
 dmsStatus_t dms_device_count(int* count) {
   if (count == nullptr) return DMS_FAIL(DMS_ERROR_INVALID_ARGUMENT, "count: must not be NULL");

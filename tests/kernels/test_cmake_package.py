@@ -42,3 +42,7 @@ def test_installed_package_links_into_an_example(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "invalid call: DMS_ERROR_INVALID_ARGUMENT" in res.stdout and "rows: expected >= 0" in res.stdout
     assert "dms_device_count: DMS_" in res.stdout
+    assert "decode plan: DMS_SUCCESS" in res.stdout and "split 0 of a 1000-token list: [0, " in res.stdout
+    assert "invalid decode: DMS_ERROR_INVALID_ARGUMENT" in res.stdout and "head_dim: expected 64 or 128" in res.stdout
+    for header in ("dms.h", "paged_layout.h", "paged_decode.cuh", "paged_store.cuh", "device_utils.cuh"):
+        assert (prefix / "include" / "dms" / header).is_file(), header
