@@ -31,7 +31,12 @@ class Fields {
   int64_t i64(const char* name) { return take(name).cast<int64_t>(); }
   int32_t i32(const char* name) { return take(name).cast<int32_t>(); }
   float f32(const char* name) { return take(name).cast<float>(); }
-  dmsDataType_t dtype(const char* name) { return take(name).cast<dmsDataType_t>(); }
+  // A DataType, or a plain int (so that the C ABI's own check of unknown values is reachable).
+  dmsDataType_t dtype(const char* name) {
+    py::object v = take(name);
+    if (py::isinstance<py::int_>(v)) return static_cast<dmsDataType_t>(v.cast<int>());
+    return v.cast<dmsDataType_t>();
+  }
   template <typename T>
   T* ptr(const char* name) {
     return reinterpret_cast<T*>(take(name).cast<std::uintptr_t>());

@@ -53,6 +53,28 @@ def _triton_project(*args):
     return torch.ops.dms.fused_project(*args)
 
 
+def _cuda_fn(*args, **kwargs):
+    from dms_kernels.cuda_ops import cuda_paged_attention_op  # torch.ops.dms.cuda_paged_attention
+
+    return cuda_paged_attention_op(*args, **kwargs)
+
+
+def _cuda_store(*args):
+    from dms_kernels.cuda_ops import cuda_paged_store_op  # torch.ops.dms.cuda_paged_store
+
+    return cuda_paged_store_op(*args)
+
+
+def _cuda_ready(dev: torch.device) -> bool:
+    """A Hopper GPU, the built ``dms_kernels._cuda`` reporting a device, and Triton (prefill
+    chunks, unsupported shapes and the projection epilogue run on the Triton kernels)."""
+    if dev.type != "cuda" or not torch.cuda.is_available() or not _has_triton():
+        return False
+    from dms_kernels import cuda
+
+    return cuda.available() and cuda.hopper(dev)
+
+
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -66,6 +88,8 @@ register("triton", _triton_fn,
          native=lambda dev: dev.type == "cuda" and _has_triton(),
          runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
          priority=10, store=_triton_store, project=_triton_project)
+register("cuda", _cuda_fn, native=_cuda_ready, runnable=_cuda_ready, priority=20, store=_cuda_store,
+         project=_triton_project)
 
 
 def names() -> list[str]:
@@ -82,7 +106,8 @@ def select(name: str, device: torch.device) -> tuple[str, Callable]:
         raise ValueError(f"attention: unknown backend {name!r}; available: auto, {', '.join(names())}")
     impl = _REGISTRY[name]
     if not impl.runnable(device):
-        hint = " (on CPU set TRITON_INTERPRET=1)" if name == "triton" else ""
+        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)",
+                "cuda": " (needs a Hopper GPU, Triton and dms_kernels._cuda built with nvcc)"}.get(name, "")
         raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
     return name, impl.fn
 
