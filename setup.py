@@ -81,6 +81,9 @@ setup(
               "dms_runtime.reference_runtime", "dms_runtime.paged", "dms_runtime.engine", "dms_runtime.retrofit",
               "dms_kernels.triton"],
     package_dir={"dms_kernels": "dms_kernels", "dms_runtime": "python/dms_runtime"},
+    # the shipped DMS retrofits: adapter weights (a few hundred KB) + settings + recipe
+    package_data={"dms_runtime": ["adapters/*/*.safetensors", "adapters/*/*.json", "adapters/*/*.md",
+                                  "adapters/*/*.jsonl"]},
     ext_modules=[CMakeExtension("dms_kernels._cuda")],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["dms = dms_runtime.cli:main"]},

@@ -129,10 +129,13 @@ def adapter_eviction_logits(
             raise ValueError(f"proj_bias: expected shape ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
     _check_same_device(hidden=hidden, norm_weight=norm_weight, proj_weight=proj_weight, proj_bias=proj_bias)
     dt = _compute_dtype(hidden, proj_weight)
-    x = hidden.to(dt)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(dt)
-    y = F.linear(x, proj_weight.to(dt), None if proj_bias is None else proj_bias.to(dt))  # [B, T, Hkv]
-    return y.transpose(1, 2) * scale - offset
+    # float32 even inside a bf16 autocast region (training): a bf16 logit near the offset moves in
+    # steps of 1/32, and a decision is a sign test on it
+    with torch.autocast(hidden.device.type, enabled=False):
+        x = hidden.to(dt)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(dt)
+        y = F.linear(x, proj_weight.to(dt), None if proj_bias is None else proj_bias.to(dt))  # [B, T, Hkv]
+        return y.transpose(1, 2) * scale - offset
 
 
 def zero_borrowed_channel(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import DMSConfig, ModelConfig
-from .hub import EmbeddedModel, resolve
+from .hub import EmbeddedModel, resolve, shipped_retrofit
 from .models.decoder import DecoderLM
 from .models.loading import load_model, load_named_weights
 from .outputs import RequestOutput
@@ -71,11 +71,17 @@ def load(
     device: str | torch.device | None = "cpu",
     dms: DMSConfig | dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load a model by embedded name (``"smollm2-135m-instruct"``), local folder or ``.gguf`` file.
+    """Load a model by embedded name (``"smollm2-135m-instruct"``, or its shipped DMS retrofits
+    ``"smollm2-135m-instruct-dms-cr4"`` / ``"-cr8"``), local folder, retrofit folder or ``.gguf`` file.
 
     ``dms`` gives or overrides the DMS settings (a :class:`DMSConfig`, or a dict with keys
     like ``{"dms_window_size": 256}``); a checkpoint without ``dms_*`` keys loads as vanilla.
     """
+    shipped = shipped_retrofit(str(name_or_path))
+    if shipped is not None:
+        lm = _load_adapter(shipped, dtype=dtype, device=device, dms=dms)
+        lm.name = str(name_or_path)
+        return lm
     adapter = Path(str(name_or_path)).expanduser()
     if (adapter / "dms_config.json").is_file() and not (adapter / "config.json").is_file():
         return _load_adapter(adapter, dtype=dtype, device=device, dms=dms)

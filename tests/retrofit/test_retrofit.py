@@ -142,3 +142,15 @@ def test_bf16_autocast_step(adapter_model):
     tr = Retrofitter(model, RetrofitConfig(final_cr=2, steps_per_cr=1, window=2, lr=0.01, autocast_bf16=True))
     rec = tr.step(torch.randint(0, 131, (2, 12)))
     assert math.isfinite(rec["loss"]) and model.model.layers[0].self_attn.dms_proj_alpha.weight.dtype == torch.float32
+
+
+def test_adapter_logits_stay_float32_under_bf16_autocast():
+    """A bf16 logit near the offset moves in steps of 1/32: small adapter updates would vanish."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, norm_w = torch.randn(1, 5, 16, generator=gen), torch.ones(16)
+    proj_w = torch.randn(2, 16, generator=gen) * 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ref.adapter_eviction_logits(hidden, norm_w, proj_w)
+    want = ref.adapter_eviction_logits(hidden, norm_w, proj_w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

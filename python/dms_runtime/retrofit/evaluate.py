@@ -182,14 +182,15 @@ def forced_accuracy(model, tasks: list[tuple[list[int], list[int]]], make_backen
 
 
 def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_trials: int = 0,
-                    label: str = "dms", seed: int = 1234) -> tuple[FidelityRow, list[MethodRow]]:
+                    label: str = "dms", seed: int = 1234, vanilla: list[torch.Tensor] | None = None
+                    ) -> tuple[FidelityRow, list[MethodRow]]:
     """Vanilla, DMS, and each policy at DMS's budget (its peak KV tokens held per layer and head);
-    also DMS's :class:`FidelityRow` on the same texts."""
+    also DMS's :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known)."""
     from .policies import PolicyAttention
 
     model, cfg = lm.model, lm.config
     seqs = heldout_sequences(lm, length, sequences, seed)
-    vanilla = vanilla_logits(lm, seqs)
+    vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
     dms_row = fidelity(lm, length, sequences, seed, vanilla=vanilla)
     budget = max(2, math.ceil(dms_row.peak_live_fraction * length))
     tasks = []

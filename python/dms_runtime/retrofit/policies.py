@@ -42,18 +42,12 @@ def streaming_mask(t: int, budget: int, sinks: int = 4, device=None) -> torch.Te
     return (j <= i) & ((j < sinks) | (i - j < budget - sinks))
 
 
-def _group_probs(q_i: torch.Tensor, k: torch.Tensor, alive: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one query position over the alive keys, averaged over the query group.
+def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, rows: int = 256) -> torch.Tensor:
+    """TOVA or H2O, simulated token by token. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``.
 
-    q_i ``[Hkv, G, D]``, k ``[Hkv, n, D]``, alive bool ``[Hkv, n]`` -> ``[Hkv, n]``.
+    The scores of ``rows`` queries at a time are exponentiated once (shifted by their row maximum);
+    each step then renormalises one row over the keys still alive.
     """
-    s = torch.einsum("hgd,hnd->hgn", q_i, k) * scale
-    s = s.masked_fill(~alive[:, None, :], float("-inf"))
-    return torch.softmax(s, dim=-1).mean(1)
-
-
-def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int) -> torch.Tensor:
-    """TOVA or H2O, simulated token by token. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``."""
     hkv, _, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     q, k = q.float(), k.float()
@@ -71,17 +65,25 @@ def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int) ->
         acc[:, :budget] = torch.softmax(s, -1).mean(1).sum(1)
         recent = budget // 2
     cols = torch.arange(t, device=q.device)
-    for i in range(budget, t):
-        alive[:, i] = True
-        mask[:, i] = alive  # the query reads the cache with itself appended, before the eviction
-        p = _group_probs(q[:, :, i], k[:, : i + 1], alive[:, : i + 1], scale)  # [Hkv, i + 1]
-        if policy == "tova":
-            score = p.masked_fill(~alive[:, : i + 1], float("inf"))
-        else:
-            acc[:, : i + 1] += p
-            evictable = alive[:, : i + 1] & (cols[: i + 1] <= i - recent)
-            score = acc[:, : i + 1].masked_fill(~evictable, float("inf"))
-        alive[torch.arange(hkv), score.argmin(-1)] = False
+    heads = torch.arange(hkv, device=q.device)
+    for c in range(budget, t, rows):
+        e = torch.einsum("hgid,hjd->hgij", q[:, :, c: c + rows], k) * scale  # [Hkv, G, rows, T]
+        e = e.masked_fill(cols[None, None, None, :] > torch.arange(c, c + e.shape[2], device=q.device)[None, None, :, None],
+                          float("-inf"))
+        e = torch.exp(e - e.amax(-1, keepdim=True))
+        for r in range(e.shape[2]):
+            i = c + r
+            alive[:, i] = True
+            mask[:, i] = alive  # the query reads the cache with itself appended, before the eviction
+            w = e[:, :, r, : i + 1] * alive[:, None, : i + 1]
+            p = (w / w.sum(-1, keepdim=True)).mean(1)  # [Hkv, i + 1], averaged over the query group
+            if policy == "tova":
+                score = p.masked_fill(~alive[:, : i + 1], float("inf"))
+            else:
+                acc[:, : i + 1] += p
+                evictable = alive[:, : i + 1] & (cols[: i + 1] <= i - recent)
+                score = acc[:, : i + 1].masked_fill(~evictable, float("inf"))
+            alive[heads, score.argmin(-1)] = False
     return mask
 
 

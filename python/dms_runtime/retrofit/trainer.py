@@ -27,7 +27,7 @@ class RetrofitConfig:
     initial_cr: float = 1.0  # > 1 when continuing an earlier retrofit (``init_from``) at its CR
     window: int = 256
     tau: float = 0.1
-    lr: float = 1e-3
+    lr: float = 3e-5
     weight_decay: float = 0.0
     warmup_steps: int = 20
     clip: float = 1.0

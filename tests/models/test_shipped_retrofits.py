@@ -1,0 +1,46 @@
+"""The DMS retrofits of SmolLM2 that ship in the package: they load offline by name, hold only the
+adapter, and compress the cache of a held-out text while staying close to the vanilla model."""
+
+import json
+
+import pytest
+import torch
+
+import dms_runtime as dr
+from dms_runtime.hub import SHIPPED_RETROFITS, shipped_retrofit
+from dms_runtime.retrofit.evaluate import fidelity
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_RETROFITS))
+def test_loads_offline_by_name_with_the_adapter_only(name, smollm2_folder):
+    folder = shipped_retrofit(name)
+    assert (folder / "dms_weights.safetensors").stat().st_size < 1 << 20  # a few hundred KB, never the base
+    raw = json.loads((folder / "dms_config.json").read_text())
+    assert raw["base_model"] == "smollm2-135m-instruct" and raw["dms_separate_alpha"] is True
+    assert "dms retrofit" in (folder / "recipe.md").read_text()
+    lm = dr.load(name)
+    assert lm.name == name and lm.config.dms_active and lm.config.dms.window_size == raw["dms_window_size"]
+    adapters = [p for n, p in lm.model.named_parameters() if "dms_proj_alpha." in n]
+    assert len(adapters) == lm.config.num_layers and all(p.abs().sum() > 0 for p in adapters)
+
+
+def test_unknown_or_missing_shipped_names_are_clear(tmp_path, monkeypatch):
+    import dms_runtime.hub as hub
+
+    assert shipped_retrofit("smollm2-135m-instruct") is None
+    monkeypatch.setattr(hub, "ADAPTERS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="shipped retrofit 'smollm2-135m-instruct-dms-cr8' is missing"):
+        shipped_retrofit("smollm2-135m-instruct-dms-cr8")
+
+
+@pytest.mark.parametrize("name,min_cr,max_kl", [("smollm2-135m-instruct-dms-cr4", 1.5, 0.5),
+                                                ("smollm2-135m-instruct-dms-cr8", 2.0, 0.8)])
+def test_compresses_a_held_out_text(name, min_cr, max_kl):
+    """At 1,024 tokens with a 128-token window the most a model can reach is about 1024 / (128 + ...);
+    the bounds are loose regression bounds around the measured values in bench/RESULTS.md."""
+    torch.set_num_threads(2)
+    row = fidelity(dr.load(name), 1024, sequences=1)
+    assert row.compression_ratio >= min_cr
+    assert 0 < row.kl_per_token <= max_kl and row.greedy_agreement > 0.5
