@@ -23,9 +23,9 @@ $(STAMP): requirements.txt setup.py pyproject.toml CMakeLists.txt $(shell find c
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/dms generate --model smollm2-135m-instruct --max-new-tokens 96 \
-	  --prompt "What is the capital of France? Answer in one sentence." \
-	  --prompt "Give me three short tips for staying focused while studying."
+	$(VENV)/bin/dms generate --model smollm2-135m-instruct-dms-cr8 --max-new-tokens 320 \
+	  --prompt "Tell a long story about a lighthouse keeper who finds a message in a bottle." \
+	  --prompt "Give me five tips for staying focused while studying, and explain each one."
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -96,6 +96,7 @@ def plot_pareto(rows, path) -> None:
     if axes[0][0].get_yaxis().get_scale() == "linear" and any(r.kl_per_token > 0 for r in rows):
         for ax in axes[0]:
             ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Quality vs KV budget (points: context length)")
     fig.tight_layout()
