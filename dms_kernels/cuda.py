@@ -112,6 +112,16 @@ def _check(name, t, ndim, dtype=None, device=None):
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
+def _check_pools(k_pool, v_pool, dtype, d, dev) -> None:
+    """The K/V page pools ``[P, PS, D]``: same shape and strides, unit stride in the head dim."""
+    for name, x in (("k_pool", k_pool), ("v_pool", v_pool)):
+        _check(name, x, 3, dtype, dev)
+        if x.shape[2] != d or x.stride(2) != 1:
+            raise ValueError(f"{name}: expected [P, PS, {d}] with unit stride in the head dim, got {tuple(x.shape)}")
+    if k_pool.shape != v_pool.shape or k_pool.stride() != v_pool.stride():
+        raise ValueError("k_pool/v_pool: expected the same shape and strides")
+
+
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """x itself when its rows suit 16-byte loads (unit last stride, 16-byte aligned address and
     strides), else a fresh contiguous copy (the allocator aligns it)."""
@@ -152,12 +162,7 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts, kept_
             if tuple(x.shape) != (b, h, d):
                 raise ValueError(f"{name}: expected shape {(b, h, d)}, got {tuple(x.shape)}")
         k_new, v_new = _aligned(k_new), _aligned(v_new)
-    for name, x in (("k_pool", k_pool), ("v_pool", v_pool)):
-        _check(name, x, 3, q.dtype, dev)
-        if x.shape[2] != d or x.stride(2) != 1:
-            raise ValueError(f"{name}: expected [P, PS, {d}] with unit stride in the head dim, got {tuple(x.shape)}")
-    if k_pool.shape != v_pool.shape or k_pool.stride() != v_pool.stride():
-        raise ValueError("k_pool/v_pool: expected the same shape and strides")
+    _check_pools(k_pool, v_pool, q.dtype, d, dev)
     _check("starts", starts, 1, torch.int64, dev)
     _check("kept_len", kept_len, 2, torch.int64, dev)
     if starts.shape[0] != b or tuple(kept_len.shape) != (b, h):
@@ -204,12 +209,7 @@ def paged_store(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict,
     if v_new.shape != k_new.shape or tuple(new_evict.shape) != (b, h, t):
         raise ValueError(f"v_new/new_evict: expected {tuple(k_new.shape)} and {(b, h, t)}, got "
                          f"{tuple(v_new.shape)}, {tuple(new_evict.shape)}")
-    for name, x in (("k_pool", k_pool), ("v_pool", v_pool)):
-        _check(name, x, 3, k_new.dtype, dev)
-        if x.shape[2] != d or x.stride(2) != 1:
-            raise ValueError(f"{name}: expected [P, PS, {d}] with unit stride in the head dim, got {tuple(x.shape)}")
-    if k_pool.shape != v_pool.shape or k_pool.stride() != v_pool.stride():
-        raise ValueError("k_pool/v_pool: expected the same shape and strides")
+    _check_pools(k_pool, v_pool, k_new.dtype, d, dev)
     _check("page_table", page_table, 2, torch.int64, dev)
     _check("ring_evict", ring_evict, 2, torch.bool, dev)
     if ring_evict.shape[1] != window or ring_evict.stride(1) != 1 or page_table.stride(1) != 1:

@@ -93,6 +93,19 @@ dmsStatus_t check_paging(int32_t page_size, int32_t window, int32_t ring_pages, 
     if (st_ != DMS_SUCCESS) return st_;     \
   } while (0)
 
+// The K/V page pool of a decode or store call (both argument structs name these fields alike).
+template <typename PoolArgs>
+dmsStatus_t check_pool(const PoolArgs& a, int64_t elem, int64_t d) {
+  DMS_TRY(check_data("k_pool", a.k_pool, elem,
+                     {{"pool_stride_page", a.pool_stride_page}, {"pool_stride_token", a.pool_stride_token}}));
+  DMS_TRY(check_data("v_pool", a.v_pool, elem, {}));
+  DMS_REQUIRE(a.pool_stride_token >= d, "pool_stride_token: expected >= head_dim = ", d, ", got ", a.pool_stride_token);
+  DMS_REQUIRE(a.pool_stride_page >= a.pool_stride_token * a.page_size,
+              "pool_stride_page: expected >= page_size * pool_stride_token = ", a.pool_stride_token * a.page_size,
+              ", got ", a.pool_stride_page);
+  return DMS_SUCCESS;
+}
+
 template <typename T, int D>
 cudaError_t launch_decode(const dms::DecodeParams& p, int64_t num_lists, int32_t num_splits, cudaStream_t stream) {
   constexpr int stages = dms::decode_stages(D);
@@ -205,13 +218,7 @@ dmsStatus_t dms_paged_decode(const dmsPagedDecodeArgs* args, const dmsDecodePlan
     DMS_TRY(check_data("k_new", a.k_new, elem, {{"new_stride_b", a.new_stride_b}, {"new_stride_h", a.new_stride_h}}));
     DMS_TRY(check_data("v_new", a.v_new, elem, {}));
   }
-  DMS_TRY(check_data("k_pool", a.k_pool, elem,
-                     {{"pool_stride_page", a.pool_stride_page}, {"pool_stride_token", a.pool_stride_token}}));
-  DMS_TRY(check_data("v_pool", a.v_pool, elem, {}));
-  DMS_REQUIRE(a.pool_stride_token >= d, "pool_stride_token: expected >= head_dim = ", d, ", got ", a.pool_stride_token);
-  DMS_REQUIRE(a.pool_stride_page >= a.pool_stride_token * a.page_size,
-              "pool_stride_page: expected >= page_size * pool_stride_token = ", a.pool_stride_token * a.page_size,
-              ", got ", a.pool_stride_page);
+  DMS_TRY(check_pool(a, elem, d));
   DMS_TRY(check_data("out", a.out, elem, {{"out_stride_b", a.out_stride_b}, {"out_stride_h", a.out_stride_h}}));
   DMS_REQUIRE(a.out_stride_h >= d && a.out_stride_b >= hq * a.out_stride_h,
               "out_stride_b/out_stride_h: rows of out must not overlap (expected out_stride_h >= ", d,
@@ -294,13 +301,7 @@ dmsStatus_t dms_paged_store(const dmsPagedStoreArgs* args, dmsStream_t stream) {
   DMS_REQUIRE(a.new_evict != nullptr, "new_evict: must not be NULL");
   DMS_REQUIRE(a.evict_stride_b >= 0 && a.evict_stride_h >= 0, "evict_stride_b/evict_stride_h: expected >= 0, got ",
               a.evict_stride_b, ", ", a.evict_stride_h);
-  DMS_TRY(check_data("k_pool", a.k_pool, elem,
-                     {{"pool_stride_page", a.pool_stride_page}, {"pool_stride_token", a.pool_stride_token}}));
-  DMS_TRY(check_data("v_pool", a.v_pool, elem, {}));
-  DMS_REQUIRE(a.pool_stride_token >= d, "pool_stride_token: expected >= head_dim = ", d, ", got ", a.pool_stride_token);
-  DMS_REQUIRE(a.pool_stride_page >= a.pool_stride_token * a.page_size,
-              "pool_stride_page: expected >= page_size * pool_stride_token = ", a.pool_stride_token * a.page_size,
-              ", got ", a.pool_stride_page);
+  DMS_TRY(check_pool(a, elem, d));
   DMS_TRY(check_index("page_table", a.page_table));
   DMS_REQUIRE(a.table_stride >= a.table_width, "table_stride: expected >= table_width = ", a.table_width, ", got ",
               a.table_stride);
