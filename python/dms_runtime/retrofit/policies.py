@@ -133,9 +133,13 @@ class PolicyAttention:
     def __init__(self, policy: str, budget: int, sinks: int = 4, page_size: int = 16):
         _check(policy, budget)
         self.policy, self.budget, self.sinks, self.page_size = policy, budget, sinks, page_size
-        self.held_end = 0  # tokens held after the last position, summed over layers and KV heads
         self.held_peak = 0  # the most tokens held at any step, summed over layers and KV heads
         self.reads = 0
+
+    @property
+    def held_end(self) -> int:
+        """Tokens held after the last position: no policy here ever shrinks its cache, so the peak."""
+        return self.held_peak
 
     def attend(self, layer, q, k, v, logits):
         b, hq, t, d = q.shape
@@ -146,7 +150,6 @@ class PolicyAttention:
         qg = q[0].view(hkv, g, t, d)
         mask = policy_mask(self.policy, qg, k[0], self.budget, self.sinks, self.page_size)
         held = t if self.policy == "quest" else min(t, self.budget)
-        self.held_end += held * hkv
         self.held_peak += held * hkv
         self.reads += int(mask.sum())
         out = torch.empty_like(q[0]).view(hkv, g, t, d)
