@@ -40,19 +40,14 @@ def cuda_skip_reason() -> str | None:
     """Why the CUDA kernels cannot run here (None: they can)."""
     from dms_kernels import cuda
 
-    if not torch.cuda.is_available() or cuda.device_count() == 0:
-        return "no CUDA device"
-    if not cuda.built():
-        return "dms_kernels._cuda not built"
-    if not cuda.hopper(torch.device("cuda")):
-        return "not a Hopper GPU (kernels built for sm_90a)"
-    return None
+    return cuda.unavailable_reason(torch.device("cuda"))
 
 
-def cuda_paged_attention(**x):
-    from dms_kernels.cuda_ops import cuda_paged_attention_op
+def op_attention(impl, **x):
+    """torch.ops.dms.paged_attention with its kernel set forced (``impl``: "triton" or "cuda")."""
+    from dms_kernels.ops import paged_attention_op
 
-    return cuda_paged_attention_op(**x)
+    return paged_attention_op(**x, impl=impl)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -217,7 +212,7 @@ def check_cuda(device):
             for g in (1, 4, 8):
                 x = paged_inputs(b, h * g, h, 1, d, CUDA_W, CUDA_PS, torch.clamp(starts, max=CUDA_W), kept, starts,
                                  dtype, device, seed=d + g)
-                out = cuda_paged_attention(**x).double().cpu()
+                out = op_attention("cuda", **x).double().cpu()
                 err = (out - reference_output(x)).abs().max().item()
                 tol = {torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
                 rows.append({"impl": "cuda", "check": f"decode B={b} Hq={h * g} H={h} D={d} w={CUDA_W} ps={CUDA_PS} "
@@ -275,8 +270,8 @@ def timings(device, dtype, contexts, batches, crs, d=128, hq=32, h=8, w=256, ps=
                 n_ring = torch.clamp(starts, max=w)
                 kept = torch.full((b, h), max(0, held - w), dtype=torch.int64)
                 x = paged_inputs(b, hq, h, 1, d, w, ps, n_ring, kept, starts, dtype, device)
-                t_ours = bench(lambda: triton_paged_attention(**x), device=device)
-                t_cuda = bench(lambda: cuda_paged_attention(**x), device=device) if cuda_reason is None else None
+                t_ours = bench(lambda: op_attention("triton", **x), device=device)
+                t_cuda = bench(lambda: op_attention("cuda", **x), device=device) if cuda_reason is None else None
                 read = 2 * b * h * (int(n_ring[0]) + int(kept[0, 0])) * d * elem
                 rows.append({"kind": "decode", "ctx": ctx, "batch": b, "cr": cr, "ours_us": t_ours * 1e6,
                              "flash_dense_us": t_flash * 1e6, "speedup_vs_flash": t_flash / t_ours,

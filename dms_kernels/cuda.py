@@ -71,6 +71,22 @@ def hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the hand-written kernels cannot run on ``device`` (None: they can). They need the
+    built module, a CUDA device it can see, and compute capability 9.0 (sm_90a code only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the CUDA kernels run on CUDA tensors, got device {device}"
+    if _cuda is None:
+        return f"dms_kernels._cuda is not built (install where nvcc exists): {_IMPORT_ERROR}"
+    if device_count() == 0 or not torch.cuda.is_available():
+        return "no CUDA device"
+    if not hopper(device):
+        cc = torch.cuda.get_device_capability(device)
+        return f"the kernels are built for sm_90a (Hopper), this GPU is sm_{cc[0]}{cc[1]}"
+    return None
+
+
 def decode_supported(dtype: torch.dtype, head_dim: int, group: int) -> bool:
     """Whether the CUDA decode kernels cover this configuration (else callers use Triton)."""
     return dtype in DECODE_DTYPES and head_dim in DECODE_HEAD_DIMS and 1 <= group <= DECODE_MAX_GROUP

@@ -1,8 +1,16 @@
 """Torch custom ops of the DMS kernels (``torch.ops.dms.*``).
 
 Each op has a fake (meta) implementation, so ``torch.compile`` and CUDA graphs can trace and
-capture it. On CUDA the Triton kernels run; on CPU the ops run the same kernels under
-``TRITON_INTERPRET=1`` (tests) and refuse otherwise.
+capture it. ``paged_attention`` and ``paged_store`` have two kernel sets behind one op:
+
+* the CUDA dispatch key runs the hand-written sm_90a kernels (``dms_kernels._cuda``) where they
+  are built, the GPU is a Hopper and they cover the call, else the Triton kernels;
+* every other device runs the Triton kernels, on CPU only under ``TRITON_INTERPRET=1`` (tests).
+
+The last argument ``impl`` chooses: ``"auto"`` (CUDA > Triton by availability), ``"triton"``
+(forced, e.g. to compare both on one GPU) or ``"cuda"`` (forced: an error where the hand-written
+kernels cannot run). Calls the CUDA kernels do not cover (prefill chunks, fp32, other head dims;
+see :mod:`dms_kernels.cuda`) run on Triton under ``"cuda"`` too.
 """
 
 from __future__ import annotations
@@ -11,10 +19,27 @@ import torch
 
 from .triton.common import interpreting
 
+IMPLS = ("auto", "triton", "cuda")
 
-def _runnable(t: torch.Tensor) -> None:
+
+def _runnable(t: torch.Tensor, name: str = "q") -> None:
     if t.device.type != "cuda" and not interpreting():
-        raise ValueError(f"q: the dms Triton ops run on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {t.device}")
+        raise ValueError(f"{name}: the dms Triton ops run on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
+                         f"got {t.device}")
+
+
+def kernels_for(impl: str, device: torch.device) -> str:
+    """The kernel set a call with ``impl`` runs on ``device``: ``"cuda"`` or ``"triton"``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl == "triton":
+        return "triton"
+    from . import cuda
+
+    why = cuda.unavailable_reason(torch.device(device))
+    if impl == "cuda" and why is not None:
+        raise ValueError(f"impl: 'cuda' cannot run here: {why}")
+    return "triton" if why else "cuda"
 
 
 @torch.library.custom_op("dms::paged_attention", mutates_args=())
@@ -33,27 +58,50 @@ def paged_attention(
     window: int,
     ring_pages: int,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """DMS attention of new tokens over a paged cache (see docs/ARCHITECTURE.md): the split-K
-    decode kernel for one token per sequence, the chunk kernel otherwise. Returns q's shape."""
+    decode kernel for one token per sequence, the chunk kernel otherwise. Returns q's shape.
+    This body is the Triton kernel set (off CUDA: under the interpreter)."""
     _runnable(q)
+    kernels_for(impl, q.device)  # validates impl; "cuda" is refused off a CUDA device
+    return _triton_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,
+                             window, ring_pages, scale)
+
+
+def _triton_attention(*args):
     from .triton.attention_op import triton_paged_attention
 
-    return triton_paged_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len,
-                                  ring_evict, window, ring_pages, scale)
+    return triton_paged_attention(*args)
+
+
+@paged_attention.register_kernel("cuda")
+def paged_attention_cuda(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window, ring_pages,
+      scale=None, impl="auto"):
+    args = (q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window,
+            ring_pages, scale)
+    if kernels_for(impl, q.device) == "cuda":
+        b, hq, t, d = q.shape
+        h = k_new.shape[1]
+        from . import cuda
+
+        if t == 1 and h and hq % h == 0 and cuda.decode_supported(q.dtype, d, hq // h):
+            return cuda.paged_decode_attention(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k_pool, v_pool, table,
+                                               starts, kept_len, window, ring_pages, scale=scale)[:, :, None]
+    return _triton_attention(*args)
 
 
 @paged_attention.register_fake
 def _(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window, ring_pages,
-      scale=None):
+      scale=None, impl="auto"):
     return torch.empty_like(q)
 
 
 def paged_attention_op(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,
-                       window, ring_pages, scale=None):
+                       window, ring_pages, scale=None, impl="auto"):
     """The paged runtime's attention signature, through ``torch.ops.dms.paged_attention``."""
     return torch.ops.dms.paged_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len,
-                                         ring_evict, window, ring_pages, scale)
+                                         ring_evict, window, ring_pages, scale, impl)
 
 
 @torch.library.custom_op("dms::paged_store", mutates_args=("k_pool", "v_pool", "ring_evict"))
@@ -71,23 +119,45 @@ def paged_store(
     n_new: torch.Tensor,
     window: int,
     ring_pages: int,
+    impl: str = "auto",
 ) -> None:
     """Data movement of a store step (pages allocated beforehand): tokens leaving the window to the
-    kept store if kept, the new tokens inside the window into their ring slots."""
-    _runnable(k_new)
+    kept store if kept, the new tokens inside the window into their ring slots. This body is the
+    Triton kernel (off CUDA: under the interpreter)."""
+    _runnable(k_new, "k_new")
+    kernels_for(impl, k_new.device)
+    _triton_store(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
+                  ring_pages)
+
+
+def _triton_store(*args):
     from .triton.store_op import paged_store as launch
 
-    launch(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
-           ring_pages)
+    launch(*args)
+
+
+@paged_store.register_kernel("cuda")
+def paged_store_cuda(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window, ring_pages,
+      impl="auto"):
+    args = (k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
+            ring_pages)
+    if kernels_for(impl, k_new.device) == "cuda":
+        from . import cuda
+
+        if cuda.store_supported(k_new.dtype, k_new.shape[-1]) and k_pool.dtype == k_new.dtype:
+            return cuda.paged_store(*args)
+    _triton_store(*args)
 
 
 @paged_store.register_fake
-def _(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window, ring_pages):
+def _(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window, ring_pages,
+      impl="auto"):
     return None
 
 
-def paged_store_op(*args):
-    return torch.ops.dms.paged_store(*args)
+def paged_store_op(*args, impl="auto"):
+    """The store mover's signature (:func:`paged_store`), through ``torch.ops.dms.paged_store``."""
+    return torch.ops.dms.paged_store(*args, impl)
 
 
 @torch.library.custom_op("dms::fused_project", mutates_args=("ring_evict",))

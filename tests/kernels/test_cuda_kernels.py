@@ -154,7 +154,7 @@ def test_store_moves_what_the_triton_store_moves(dtype, d, t):
 def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
     """Prefill chunks and decode steps through PagedStep: the CUDA ops against the torch
     attention on the same cache, and a twin cache stored by torch indexing holds the same bytes."""
-    from dms_kernels.cuda_ops import cuda_paged_attention_op, cuda_paged_store_op
+    from dms_kernels.ops import paged_attention_op, paged_store_op
     from dms_runtime.config import DMSConfig, ModelConfig
     from dms_runtime.paged import PagedConfig, PagedKVCache
     from dms_runtime.paged.attention_torch import torch_paged_attention
@@ -169,7 +169,7 @@ def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
     ours, twin = (PagedKVCache(cfg, pcfg, dtype, "cuda", 512) for _ in range(2))
 
     def checked(*args):
-        got = cuda_paged_attention_op(*args)
+        got = paged_attention_op(*args, impl="cuda")
         exp = torch_paged_attention(*args)
         n_new = args[4].tolist()
         for i, n in enumerate(n_new):  # right padding past n_new is undefined
@@ -183,7 +183,7 @@ def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
         n_new = torch.tensor(chunk, device="cuda")
         starts = lengths.cuda()
         t = max(chunk)
-        step = PagedStep(ours, slots, starts, n_new, checked, store=cuda_paged_store_op)
+        step = PagedStep(ours, slots, starts, n_new, checked, store=lambda *a: paged_store_op(*a, impl="cuda"))
         step_twin = PagedStep(twin, slots, starts, n_new, torch_paged_attention)
         for layer in range(L):
             q = torch.randn(3, HQ, t, d, device="cuda", dtype=dtype)

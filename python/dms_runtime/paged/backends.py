@@ -35,34 +35,28 @@ def register(name: str, fn: Callable, native, runnable=None, priority: int = 0, 
     _REGISTRY[name] = Impl(fn, native, runnable or native, priority, store, project)
 
 
-def _triton_fn(*args, **kwargs):
-    from dms_kernels.ops import paged_attention_op  # torch.ops.dms.paged_attention (Triton kernels)
+def _op_fn(impl: str):
+    def fn(*args, **kwargs):
+        from dms_kernels.ops import paged_attention_op  # torch.ops.dms.paged_attention
 
-    return paged_attention_op(*args, **kwargs)
+        return paged_attention_op(*args, **kwargs, impl=impl)
+
+    return fn
 
 
-def _triton_store(*args):
-    from dms_kernels.ops import paged_store_op  # torch.ops.dms.paged_store (Triton kernel)
+def _op_store(impl: str):
+    def store(*args):
+        from dms_kernels.ops import paged_store_op  # torch.ops.dms.paged_store
 
-    return paged_store_op(*args)
+        return paged_store_op(*args, impl=impl)
+
+    return store
 
 
 def _triton_project(*args):
     import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
 
     return torch.ops.dms.fused_project(*args)
-
-
-def _cuda_fn(*args, **kwargs):
-    from dms_kernels.cuda_ops import cuda_paged_attention_op  # torch.ops.dms.cuda_paged_attention
-
-    return cuda_paged_attention_op(*args, **kwargs)
-
-
-def _cuda_store(*args):
-    from dms_kernels.cuda_ops import cuda_paged_store_op  # torch.ops.dms.cuda_paged_store
-
-    return cuda_paged_store_op(*args)
 
 
 def _cuda_ready(dev: torch.device) -> bool:
@@ -72,7 +66,15 @@ def _cuda_ready(dev: torch.device) -> bool:
         return False
     from dms_kernels import cuda
 
-    return cuda.available() and cuda.hopper(dev)
+    return cuda.unavailable_reason(dev) is None
+
+
+def _cuda_reason(dev: torch.device) -> str:
+    if not _has_triton():
+        return "needs Triton for prefill chunks and the projection"
+    from dms_kernels import cuda
+
+    return cuda.unavailable_reason(dev) or "needs a Hopper GPU"
 
 
 def _has_triton() -> bool:
@@ -84,11 +86,13 @@ def _has_triton() -> bool:
 
 
 register("torch", torch_paged_attention, lambda dev: True, priority=0)
-register("triton", _triton_fn,
+# "triton" and "cuda" are the same ops (torch.ops.dms.paged_attention / paged_store) with their
+# kernel set forced by the ops' ``impl`` argument.
+register("triton", _op_fn("triton"),
          native=lambda dev: dev.type == "cuda" and _has_triton(),
          runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
-         priority=10, store=_triton_store, project=_triton_project)
-register("cuda", _cuda_fn, native=_cuda_ready, runnable=_cuda_ready, priority=20, store=_cuda_store,
+         priority=10, store=_op_store("triton"), project=_triton_project)
+register("cuda", _op_fn("cuda"), native=_cuda_ready, runnable=_cuda_ready, priority=20, store=_op_store("cuda"),
          project=_triton_project)
 
 
@@ -106,8 +110,7 @@ def select(name: str, device: torch.device) -> tuple[str, Callable]:
         raise ValueError(f"attention: unknown backend {name!r}; available: auto, {', '.join(names())}")
     impl = _REGISTRY[name]
     if not impl.runnable(device):
-        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)",
-                "cuda": " (needs a Hopper GPU, Triton and dms_kernels._cuda built with nvcc)"}.get(name, "")
+        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)", "cuda": f" ({_cuda_reason(device)})"}.get(name, "")
         raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
     return name, impl.fn
 
