@@ -36,11 +36,23 @@ from dms_kernels import reference as ref  # noqa: E402
 from dms_kernels.triton.attention_op import triton_paged_attention  # noqa: E402
 
 
+JSONL: Path | None = None  # --jsonl: every row is appended as soon as it exists (survives a kill)
+CUDA_SKIP: str | None = None  # --skip-cuda REASON: the device check's GPU tests of the CUDA kernels failed
+
+
+def emit(row: dict) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if JSONL is not None:
+        with JSONL.open("a") as f:
+            f.write(line + "\n")
+
+
 def cuda_skip_reason() -> str | None:
     """Why the CUDA kernels cannot run here (None: they can)."""
     from dms_kernels import cuda
 
-    return cuda.unavailable_reason(torch.device("cuda"))
+    return CUDA_SKIP or cuda.unavailable_reason(torch.device("cuda"))
 
 
 def op_attention(impl, **x):
@@ -71,7 +83,8 @@ def paged_inputs(b, hq, h, t, d, w, ps, n_ring, kept, starts, dtype, device, evi
             nxt += rp
             table[bi, hi, r_pages : r_pages + kp] = perm[nxt : nxt + kp]
             nxt += kp
-    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    gd = torch.Generator(device=device).manual_seed(seed)  # made where they live: long-context pools are GBs
+    mk = lambda *s: torch.randn(*s, generator=gd, device=device, dtype=dtype)  # noqa: E731
     return dict(
         q=mk(b, hq, t, d), k_new=mk(b, h, t, d), v_new=mk(b, h, t, d),
         new_evict=(torch.rand(b, h, t, generator=g) < evict_p).to(device),
@@ -183,7 +196,7 @@ def check(device, dtype, sizes):
         ok = bool(torch.isfinite(out).all()) and err <= tol
         rows.append({"impl": "triton", "check": f"B={b} Hq={hq} H={h} T={t} D={d} w={w} ps={ps}", "dtype": str(dtype),
                      "max_err": err, "ok": ok})
-        print(json.dumps(rows[-1]), flush=True)
+        emit(rows[-1])
     return rows
 
 
@@ -201,7 +214,7 @@ def check_cuda(device):
     if reason:
         row = {"impl": "cuda", "check": "decode and store kernels", "dtype": "-", "max_err": float("nan"),
                "ok": f"skipped: {reason}"}
-        print(json.dumps(row), flush=True)
+        emit(row)
         return [row]
     rows = []
     b, h = len(CUDA_STARTS), 2
@@ -218,9 +231,9 @@ def check_cuda(device):
                 rows.append({"impl": "cuda", "check": f"decode B={b} Hq={h * g} H={h} D={d} w={CUDA_W} ps={CUDA_PS} "
                              f"lens 0..{CUDA_W + max(max(k) for k in CUDA_KEPT)}", "dtype": str(dtype),
                              "max_err": err, "ok": bool(torch.isfinite(out).all()) and err <= tol})
-                print(json.dumps(rows[-1]), flush=True)
+                emit(rows[-1])
     rows.append(check_cuda_store(device))
-    print(json.dumps(rows[-1]), flush=True)
+    emit(rows[-1])
     return rows
 
 
@@ -281,7 +294,7 @@ def timings(device, dtype, contexts, batches, crs, d=128, hq=32, h=8, w=256, ps=
                              "cuda_GBps": read / t_cuda / 1e9 if t_cuda else None,
                              "cuda_fraction_of_copy": (read / t_cuda) / bw if t_cuda and bw == bw else None,
                              "cuda_skipped": cuda_reason})
-                print(json.dumps(rows[-1]), flush=True)
+                emit(rows[-1])
                 del x
     for t in prefill_tokens:
         q = torch.randn(1, hq, t, d, device=device, dtype=dtype)
@@ -293,7 +306,7 @@ def timings(device, dtype, contexts, batches, crs, d=128, hq=32, h=8, w=256, ps=
         t_ours = bench(lambda: triton_paged_attention(**x), device=device)
         rows.append({"kind": "prefill", "tokens": t, "ours_us": t_ours * 1e6, "flash_us": t_flash * 1e6,
                      "ratio_vs_flash": t_ours / t_flash})
-        print(json.dumps(rows[-1]), flush=True)
+        emit(rows[-1])
     return rows
 
 
@@ -301,7 +314,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["gpu", "cpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--jsonl", default=None, help="append each row to this file as soon as it is measured")
+    ap.add_argument("--skip-cuda", default=None, metavar="REASON",
+                    help="report the CUDA rows as skipped for REASON (the device check passes it when the GPU "
+                         "tests of the CUDA kernels failed or hung in their own process)")
     args = ap.parse_args()
+    global JSONL, CUDA_SKIP
+    JSONL = Path(args.jsonl) if args.jsonl else None
+    CUDA_SKIP = args.skip_cuda
     if args.mode == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--mode cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
     device = "cuda" if args.mode == "gpu" else "cpu"
@@ -313,7 +333,7 @@ def main():
         checks += check(device, dt, full if device == "cuda" else small)
     checks += check_cuda(device)
     if device == "cuda":
-        times = timings(device, torch.bfloat16, contexts=(4096, 16384, 65536, 131072), batches=(1, 8, 64), crs=(1, 4, 8))
+        times = timings(device, torch.bfloat16, contexts=(4096, 32768, 131072), batches=(1, 8, 64), crs=(1, 4, 8))
     else:
         times = timings(device, torch.float32, contexts=(64,), batches=(2,), crs=(1, 4), d=16, hq=4, h=2, w=8, ps=4,
                         prefill_tokens=(32,))

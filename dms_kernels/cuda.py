@@ -146,6 +146,15 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
+def _shared_layout(k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k_new and v_new as the C ABI takes them: 16-byte rows and one set of strides for both (the
+    runtime's k comes fresh from the projection kernel while v is a transposed view of v_proj)."""
+    k_new, v_new = _aligned(k_new), _aligned(v_new)
+    if k_new.stride() != v_new.stride():
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    return k_new, v_new
+
+
 def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts, kept_len, window: int, ring_pages: int,
                            scale: float | None = None, plan=None) -> torch.Tensor:
     """One new query per sequence over the tokens its KV head holds plus its own new key.
@@ -177,7 +186,7 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts, kept_
             _check(name, x, 3, q.dtype, dev)
             if tuple(x.shape) != (b, h, d):
                 raise ValueError(f"{name}: expected shape {(b, h, d)}, got {tuple(x.shape)}")
-        k_new, v_new = _aligned(k_new), _aligned(v_new)
+        k_new, v_new = _shared_layout(k_new, v_new)
     _check_pools(k_pool, v_pool, q.dtype, d, dev)
     _check("starts", starts, 1, torch.int64, dev)
     _check("kept_len", kept_len, 2, torch.int64, dev)
@@ -189,22 +198,29 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts, kept_
     tab = tab if tab.stride(1) == 1 else tab.contiguous()
     kept = kept_len.reshape(-1).contiguous()
     starts = starts.contiguous()
-    if plan is None:
-        n_max = int((torch.clamp(starts, max=window)[:, None] + kept_len).max()) if b else 0
+    if plan is None:  # one host sync: the plan's bound, and the lengths checked against the table
+        lo, kept_max, n_max = (torch.stack([torch.minimum(starts.min(), kept_len.min()), kept_len.max(),
+                                            (torch.clamp(starts, max=window)[:, None] + kept_len).max()]).tolist()
+                               if b else (0, 0, 0))
+        cap = (tab.shape[1] - ring_pages) * k_pool.shape[1]
+        if lo < 0 or kept_max > cap:
+            raise ValueError(f"starts/kept_len: expected >= 0 and kept_len <= (table width - ring_pages) * page_size "
+                             f"= {cap}, got min {lo}, kept_len max {kept_max}")
         plan = decode_plan(b * h, g, d, q.dtype, n_max, num_sms(dev.index if dev.index is not None else torch.cuda.current_device()))
     out = torch.empty((b, hq, d), dtype=q.dtype, device=dev)
     ws = torch.empty(max(plan.workspace_bytes, 16), dtype=torch.uint8, device=dev)
-    _cuda.paged_decode(
-        plan, _stream(dev), dtype=_dtype_code(q.dtype), batch=b, num_kv_heads=h, group_size=g, head_dim=d,
-        page_size=k_pool.shape[1], window=window, ring_pages=ring_pages, table_width=tab.shape[1], scale=scale,
-        q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1),
-        k_new=k_new.data_ptr() if k_new is not None else 0, v_new=v_new.data_ptr() if v_new is not None else 0,
-        new_stride_b=k_new.stride(0) if k_new is not None else 0, new_stride_h=k_new.stride(1) if k_new is not None else 0,
-        k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(), pool_stride_page=k_pool.stride(0),
-        pool_stride_token=k_pool.stride(1), table=tab.data_ptr(), table_stride=tab.stride(0),
-        seq_start=starts.data_ptr(), kept_len=kept.data_ptr(), out=out.data_ptr(), out_stride_b=out.stride(0),
-        out_stride_h=out.stride(1), workspace=ws.data_ptr(), workspace_bytes=ws.numel(),
-    )
+    with torch.cuda.device(dev):  # the C ABI launches on the current device
+        _cuda.paged_decode(
+            plan, _stream(dev), dtype=_dtype_code(q.dtype), batch=b, num_kv_heads=h, group_size=g, head_dim=d,
+            page_size=k_pool.shape[1], window=window, ring_pages=ring_pages, table_width=tab.shape[1], scale=scale,
+            q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1),
+            k_new=k_new.data_ptr() if k_new is not None else 0, v_new=v_new.data_ptr() if v_new is not None else 0,
+            new_stride_b=k_new.stride(0) if k_new is not None else 0, new_stride_h=k_new.stride(1) if k_new is not None else 0,
+            k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(), pool_stride_page=k_pool.stride(0),
+            pool_stride_token=k_pool.stride(1), table=tab.data_ptr(), table_stride=tab.stride(0),
+            seq_start=starts.data_ptr(), kept_len=kept.data_ptr(), out=out.data_ptr(), out_stride_b=out.stride(0),
+            out_stride_h=out.stride(1), workspace=ws.data_ptr(), workspace_bytes=ws.numel(),
+        )
     return out
 
 
@@ -238,16 +254,17 @@ def paged_store(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict,
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
     if b * h == 0 or t == 0:
         return
-    k_new, v_new = _aligned(k_new), _aligned(v_new)
+    k_new, v_new = _shared_layout(k_new, v_new)
     ev = new_evict.contiguous().view(torch.uint8)
     lists, kept0, starts, n_new = lists.contiguous(), kept0.contiguous(), starts.contiguous(), n_new.contiguous()
-    _cuda.paged_store(
-        _stream(dev), dtype=_dtype_code(k_new.dtype), batch=b, num_kv_heads=h, head_dim=d, page_size=k_pool.shape[1],
-        window=window, ring_pages=ring_pages, table_width=page_table.shape[1], num_new=t,
-        k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), new_stride_b=k_new.stride(0), new_stride_h=k_new.stride(1),
-        new_stride_t=k_new.stride(2), new_evict=ev.data_ptr(), evict_stride_b=ev.stride(0), evict_stride_h=ev.stride(1),
-        k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(), pool_stride_page=k_pool.stride(0),
-        pool_stride_token=k_pool.stride(1), page_table=page_table.data_ptr(), table_stride=page_table.stride(0),
-        ring_evict=ring_evict.data_ptr(), ring_evict_stride=ring_evict.stride(0), lists=lists.data_ptr(),
-        kept0=kept0.data_ptr(), seq_start=starts.data_ptr(), n_new=n_new.data_ptr(),
-    )
+    with torch.cuda.device(dev):  # the C ABI launches on the current device
+        _cuda.paged_store(
+            _stream(dev), dtype=_dtype_code(k_new.dtype), batch=b, num_kv_heads=h, head_dim=d, page_size=k_pool.shape[1],
+            window=window, ring_pages=ring_pages, table_width=page_table.shape[1], num_new=t,
+            k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), new_stride_b=k_new.stride(0), new_stride_h=k_new.stride(1),
+            new_stride_t=k_new.stride(2), new_evict=ev.data_ptr(), evict_stride_b=ev.stride(0), evict_stride_h=ev.stride(1),
+            k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(), pool_stride_page=k_pool.stride(0),
+            pool_stride_token=k_pool.stride(1), page_table=page_table.data_ptr(), table_stride=page_table.stride(0),
+            ring_evict=ring_evict.data_ptr(), ring_evict_stride=ring_evict.stride(0), lists=lists.data_ptr(),
+            kept0=kept0.data_ptr(), seq_start=starts.data_ptr(), n_new=n_new.data_ptr(),
+        )

@@ -8,6 +8,8 @@ package carries and checks what the kernels are made of:
 * no kernel has a stack frame, spills or local-memory instructions (LDL / STL);
 * the decode split kernels copy pages with bulk async copies (UBLKCP) and read shared memory with
   ldmatrix (LDSM) feeding tensor-core MMAs (HMMA), all inside a loop of the kernel;
+* the decode split kernels' mbarrier waits are bounded (a BPT.TRAP after DMS_MBAR_TIMEOUT_NS), so
+  a pipeline mistake fails the launch instead of hanging the GPU;
 * the store kernel moves rows with 16-byte loads and stores (LDG.E.128 / STG.E.128);
 * the built Python module holds the same kernels (sm_90a, UBLKCP in the decode kernels).
 
@@ -34,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "csrc" / "src"
 INCLUDE = ROOT / "csrc" / "include"
-OPS = ("UBLKCP", "LDGSTS", "LDG.E.128", "STG.E.128", "LDSM", "HMMA", "SYNCS", "LDL", "STL")
+OPS = ("UBLKCP", "LDGSTS", "LDG.E.128", "STG.E.128", "LDSM", "HMMA", "SYNCS", "BPT.TRAP", "LDL", "STL")
 
 
 @dataclass(slots=True)
@@ -191,6 +193,8 @@ def check_kernel(r: KernelReport) -> None:
         for op in ("UBLKCP", "LDSM", "HMMA"):
             if not r.in_loop.get(op):
                 r.problems.append(f"no {op} inside a loop of the decode kernel")
+        if not r.sass.get("BPT.TRAP"):
+            r.problems.append("no BPT.TRAP: the mbarrier waits of the decode kernel are unbounded")
     if "paged_store_kernel" in r.kernel:
         for op in ("LDG.E.128", "STG.E.128"):
             if not r.in_loop.get(op):

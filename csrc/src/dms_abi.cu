@@ -29,6 +29,12 @@ dmsStatus_t check_device() {
     return DMS_FAIL(DMS_ERROR_NO_DEVICE, std::string("no CUDA device: ") +
                                              (err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)));
   }
+  // An error left by earlier work on this thread would otherwise be reported as this call's launch
+  // failure: report it as what it is (and clear it) before launching anything.
+  err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return DMS_FAIL(DMS_ERROR_CUDA, std::string("a CUDA error was pending before this call (from earlier work on "
+                                                "this thread; nothing was launched): ") + cudaGetErrorString(err));
   return DMS_SUCCESS;
 }
 

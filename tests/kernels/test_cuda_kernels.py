@@ -108,6 +108,22 @@ def test_decode_without_new_key_gives_zeros_for_empty_lists(dtype):
     torch.testing.assert_close(got.double().cpu(), exp, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+def test_decode_takes_k_and_v_in_different_layouts_and_checks_kept_len():
+    d, h, g, dtype = 128, 2, 4, torch.bfloat16
+    starts, kept = torch.tensor([0, 90, 300]), torch.tensor([[0, 0], [20, 53], [0, 263]])
+    k_pool, v_pool, table, R = build_cache(3, h, d, PS, W, starts, kept, dtype)
+    q = torch.randn(3, h * g, d, device="cuda", dtype=dtype)
+    k_new = torch.randn(3, h, d, device="cuda", dtype=dtype)
+    v_new = torch.randn(h, 3, d, device="cuda", dtype=dtype).transpose(0, 1)  # strides differ from k_new's
+    got = dcuda.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts.cuda(), kept.cuda(), W, R)
+    exp = expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, W, R, d ** -0.5)
+    torch.testing.assert_close(got.double().cpu(), exp, atol=TOL[dtype], rtol=TOL[dtype])
+    too_many = kept.clone()
+    too_many[2, 1] = (table.shape[2] - R) * PS + 1  # past the last column of the list's row
+    with pytest.raises(ValueError, match="starts/kept_len: expected >= 0 and kept_len <="):
+        dcuda.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts.cuda(), too_many.cuda(), W, R)
+
+
 def test_decode_plan_made_for_fewer_tokens_still_reads_everything():
     d, h, g, dtype = 64, 1, 4, torch.bfloat16
     starts, kept = torch.tensor([4000]), torch.tensor([[3000]])
@@ -120,9 +136,12 @@ def test_decode_plan_made_for_fewer_tokens_still_reads_everything():
                                atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 64)])
+@pytest.mark.parametrize("dtype,d,v_view", [(torch.float16, 64, False), (torch.bfloat16, 128, False),
+                                            (torch.float32, 64, False), (torch.bfloat16, 128, True)])
 @pytest.mark.parametrize("t", [1, 5, 70])
-def test_store_moves_what_the_triton_store_moves(dtype, d, t):
+def test_store_moves_what_the_triton_store_moves(dtype, d, v_view, t):
+    """v_view: v as the runtime makes it (a transposed view of v_proj's [B, T, H * D] output) while
+    k is a fresh contiguous tensor, so the two differ in strides."""
     from dms_kernels.triton.store_op import paged_store as triton_store
 
     torch.manual_seed(t + d)
@@ -140,6 +159,8 @@ def test_store_moves_what_the_triton_store_moves(dtype, d, t):
     kept0 = torch.minimum(torch.randint(0, 40, (b, h), device="cuda"), torch.clamp(starts - w, min=0)[:, None])
     k_new = torch.randn(b, h, t, d, device="cuda", dtype=dtype)
     v_new = torch.randn_like(k_new)
+    if v_view:
+        v_new = torch.randn(b, t, h * d, device="cuda", dtype=dtype).view(b, t, h, d).transpose(1, 2)
     new_evict = torch.rand(b, h, t, device="cuda") < 0.5
     ours = (k_pool.clone(), v_pool.clone(), ring_evict.clone())
     theirs = (k_pool.clone(), v_pool.clone(), ring_evict.clone())

@@ -257,3 +257,16 @@ def test_torch_wrappers_refuse_cpu_tensors():
     assert dcuda.decode_supported(torch.bfloat16, 128, 8) and not dcuda.decode_supported(torch.float32, 128, 8)
     assert not dcuda.decode_supported(torch.float16, 96, 4) and not dcuda.decode_supported(torch.float16, 64, 32)
     assert dcuda.store_supported(torch.float32, 4) and not dcuda.store_supported(torch.float16, 4)
+
+
+def test_k_and_v_cross_the_abi_with_one_layout():
+    """The C ABI takes one set of new-token strides for k_new and v_new; the runtime's k comes fresh
+    from the projection kernel while v is a transposed view of v_proj's output."""
+    b, t, h, d = 2, 5, 4, 64
+    k = torch.randn(b, h, t, d, dtype=torch.bfloat16)
+    v = torch.randn(b, t, h * d, dtype=torch.bfloat16).view(b, t, h, d).transpose(1, 2)
+    assert k.stride() != v.stride()
+    k2, v2 = dcuda._shared_layout(k, v)
+    assert k2.stride() == v2.stride() and torch.equal(k2, k) and torch.equal(v2, v)
+    k3, v3 = dcuda._shared_layout(k, k[:, :, :1].expand(b, h, t, d).contiguous())
+    assert k3.data_ptr() == k.data_ptr()  # already one 16-byte-aligned layout: no copy

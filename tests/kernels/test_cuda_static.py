@@ -34,6 +34,7 @@ def test_kernels_compile_for_sm90a_with_bulk_copies_and_no_spills(tmp_path):
         assert 0 < r["registers"] <= 255 and not r["problems"], r
     for r in split:
         assert r["in_loop"]["UBLKCP"] >= 2 and r["in_loop"]["LDSM"] > 0 and r["in_loop"]["HMMA"] > 0, r
+        assert r["sass"]["BPT.TRAP"] > 0, r  # bounded mbarrier waits: a pipeline bug traps, never hangs
         assert r["smem_dynamic"] and r["smem_dynamic"] + r["smem_static"] <= 227 * 1024, r
         # two CTAs per SM fit (228 KB per SM, 1 KB reserved per CTA)
         assert 2 * (r["smem_dynamic"] + r["smem_static"] + 1024) <= 228 * 1024, r

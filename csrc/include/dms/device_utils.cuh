@@ -35,19 +35,44 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
 
-// Waits until the phase of parity `parity` has completed.
+// A wait on an mbarrier phase that has not completed after this many nanoseconds traps (the
+// launch fails with cudaErrorLaunchFailure) instead of hanging the GPU; 0 waits forever. Every
+// wait in these kernels is for copies or warps of the same CTA, microseconds at most.
+#ifndef DMS_MBAR_TIMEOUT_NS
+#define DMS_MBAR_TIMEOUT_NS 4000000000ull
+#endif
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t addr, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n\t.reg .pred p;\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+      "selp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(done)
+      : "r"(addr), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Waits until the phase of parity `parity` has completed (bounded: DMS_MBAR_TIMEOUT_NS).
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   const uint32_t addr = smem_u32(bar);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  } while (!done);
+  if (mbar_try_wait(addr, parity)) return;
+#if DMS_MBAR_TIMEOUT_NS
+  const uint64_t t0 = global_ns();
+  while (!mbar_try_wait(addr, parity)) {
+    if (global_ns() - t0 > DMS_MBAR_TIMEOUT_NS) __trap();
+  }
+#else
+  while (!mbar_try_wait(addr, parity)) {
+  }
+#endif
 }
 
 // ---------------------------------------------------------------- bulk copy (TMA, non-tensor)

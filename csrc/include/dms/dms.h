@@ -6,7 +6,9 @@
  * Every argument is checked on the host before the device is touched: an invalid call returns
  * DMS_ERROR_INVALID_ARGUMENT whether or not a GPU exists. Kernels are enqueued on `stream` and
  * never synchronise; DMS_ERROR_CUDA reports launch errors only (asynchronous faults surface at
- * the caller's next synchronisation). The kernels are built for sm_90a (Hopper). */
+ * the caller's next synchronisation). The kernels are built for sm_90a (Hopper). A pipeline wait
+ * that does not complete within DMS_MBAR_TIMEOUT_NS (default 4 s; dms/device_utils.cuh) traps,
+ * so a fault shows as cudaErrorLaunchFailure at that synchronisation rather than a hung GPU. */
 #ifndef DMS_DMS_H_
 #define DMS_DMS_H_
 
@@ -110,14 +112,15 @@ typedef struct {
   int64_t q_stride_b, q_stride_h;
   const void* k_new;        /* [B, Hkv, D]: the new token's key, always visible to its own query; */
   const void* v_new;        /*   NULL (both) to attend over the cache only */
-  int64_t new_stride_b, new_stride_h;
+  int64_t new_stride_b, new_stride_h; /* of both k_new and v_new (one layout for the two) */
   const void* k_pool;       /* [P, PS, D] */
   const void* v_pool;
   int64_t pool_stride_page, pool_stride_token;
   const int64_t* table;     /* [B * Hkv, table_width] page ids; list (b, h) is row b * Hkv + h */
   int64_t table_stride;     /* elements between rows (>= table_width) */
   const int64_t* seq_start; /* [B] positions processed per sequence: the ring holds min(start, w) */
-  const int64_t* kept_len;  /* [B * Hkv] tokens in each list's kept store */
+  const int64_t* kept_len;  /* [B * Hkv] tokens in each list's kept store, <= (table_width - R) * PS;
+                             * device values: like page ids, they are the caller's to keep in range */
   void* out;                /* [B, Hq, D]: out[b * out_stride_b + hq * out_stride_h + d] */
   int64_t out_stride_b, out_stride_h;
   void* workspace;          /* >= plan->workspace_bytes of device memory */
@@ -145,7 +148,7 @@ typedef struct {
   int64_t num_new;           /* T: chunk length; n_new[b] <= T */
   const void* k_new;         /* [B, Hkv, T, D]: new[b * new_stride_b + h * new_stride_h + a * new_stride_t + d] */
   const void* v_new;
-  int64_t new_stride_b, new_stride_h, new_stride_t;
+  int64_t new_stride_b, new_stride_h, new_stride_t; /* of both k_new and v_new (one layout for the two) */
   const uint8_t* new_evict;  /* [B, Hkv, T] decisions of the new keys (0 keep, else evict) */
   int64_t evict_stride_b, evict_stride_h;
   void* k_pool;              /* [P, PS, D], updated */
