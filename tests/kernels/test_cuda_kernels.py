@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from paged_lists import dense_lists, random_cache, reference_decode
 
 from dms_kernels import cuda as dcuda
 
@@ -22,52 +23,13 @@ TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def build_cache(b, h, d, ps, w, starts, kept, dtype, seed=0):
-    """A pool with each list's ring and kept pages scattered over shuffled pages (plus spares)."""
-    g = torch.Generator().manual_seed(seed)
-    R = math.ceil(w / ps)
-    n_ring = torch.clamp(starts, max=w)
-    tw = R + max(1, math.ceil(int(kept.max()) / ps))
-    n_pages = b * h * tw + 5
-    perm = iter(torch.randperm(n_pages, generator=g).tolist())
-    table = torch.full((b, h, tw), -1, dtype=torch.int64)
-    for bi in range(b):
-        for hi in range(h):
-            for c in range(math.ceil(int(n_ring[bi]) / ps)):
-                table[bi, hi, c] = next(perm)
-            for c in range(math.ceil(int(kept[bi, hi]) / ps)):
-                table[bi, hi, R + c] = next(perm)
-    k_pool = torch.randn(n_pages, ps, d, generator=g).to("cuda", dtype)
-    v_pool = torch.randn(n_pages, ps, d, generator=g).to("cuda", dtype)
-    return k_pool, v_pool, table.cuda(), R
+    """A pool on the GPU with each list's ring and kept pages scattered over shuffled pages."""
+    return random_cache(b, h, d, ps, w, torch.clamp(starts, max=w), kept, dtype, device="cuda", seed=seed)
 
 
-def held_tokens(k_pool, v_pool, table, n_ring, kept, R):
-    """K, V [n, D] of one list in logical order (ring slots, then kept tokens)."""
-    ps = k_pool.shape[1]
-    i = torch.arange(n_ring + kept, device=table.device)
-    j = i - n_ring
-    cols = torch.where(i < n_ring, i // ps, R + torch.div(j, ps, rounding_mode="floor"))
-    offs = torch.where(i < n_ring, i % ps, j % ps)
-    pages = table[cols]
-    return k_pool[pages, offs], v_pool[pages, offs]
-
-
-def expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, w, R, scale):
-    b, hq, d = q.shape
-    h = table.shape[1]
-    g = hq // h
-    out = torch.zeros(b, hq, d, dtype=torch.float64)
-    for bi in range(b):
-        for hi in range(h):
-            k, v = held_tokens(k_pool, v_pool, table[bi, hi], min(int(starts[bi]), w), int(kept[bi, hi]), R)
-            if k_new is not None:
-                k, v = torch.cat([k, k_new[bi, hi][None]]), torch.cat([v, v_new[bi, hi][None]])
-            if k.shape[0] == 0:
-                continue
-            qq = q[bi, hi * g : (hi + 1) * g].double()
-            p = torch.softmax(qq @ k.double().T * scale, dim=-1)
-            out[bi, hi * g : (hi + 1) * g] = (p @ v.double()).cpu()
-    return out
+def expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, w, R):
+    """dms_kernels.reference over each list's held tokens (ring slots, then kept) and its new key."""
+    return reference_decode(q, k_new, v_new, *dense_lists(k_pool, v_pool, table, torch.clamp(starts, max=w), kept, R))
 
 
 W, PS = 37, 16  # a ring that is not a whole number of pages
@@ -87,9 +49,8 @@ def test_decode_matches_reference(dtype, d, g):
     q = torch.randn(b, h * g, d, device="cuda", dtype=dtype)
     k_new = torch.randn(b, h, d, device="cuda", dtype=dtype)
     v_new = torch.randn(b, h, d, device="cuda", dtype=dtype)
-    scale = d ** -0.5
     got = dcuda.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts.cuda(), kept.cuda(), W, R)
-    exp = expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, W, R, scale)
+    exp = expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, W, R)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double().cpu(), exp, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -104,7 +65,7 @@ def test_decode_without_new_key_gives_zeros_for_empty_lists(dtype):
     got = dcuda.paged_decode_attention(q, None, None, k_pool, v_pool, table, starts.cuda(), kept.cuda(), W, R)
     assert torch.isfinite(got).all()
     assert torch.equal(got[:2], torch.zeros_like(got[:2]))  # nothing held, no new key: zeros, never NaN
-    exp = expected_decode(q, None, None, k_pool, v_pool, table, starts, kept, W, R, d ** -0.5)
+    exp = expected_decode(q, None, None, k_pool, v_pool, table, starts, kept, W, R)
     torch.testing.assert_close(got.double().cpu(), exp, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -116,7 +77,7 @@ def test_decode_takes_k_and_v_in_different_layouts_and_checks_kept_len():
     k_new = torch.randn(3, h, d, device="cuda", dtype=dtype)
     v_new = torch.randn(h, 3, d, device="cuda", dtype=dtype).transpose(0, 1)  # strides differ from k_new's
     got = dcuda.paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, starts.cuda(), kept.cuda(), W, R)
-    exp = expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, W, R, d ** -0.5)
+    exp = expected_decode(q, k_new, v_new, k_pool, v_pool, table, starts, kept, W, R)
     torch.testing.assert_close(got.double().cpu(), exp, atol=TOL[dtype], rtol=TOL[dtype])
     too_many = kept.clone()
     too_many[2, 1] = (table.shape[2] - R) * PS + 1  # past the last column of the list's row

@@ -7,68 +7,10 @@ import subprocess
 import pytest
 import torch
 
-from dms_kernels import reference as ref
+from paged_lists import dense_lists, random_cache, reference_decode
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (set by the test run)")
-
-
-def random_cache(b, h, g, d, ps, w, n_ring, kept, dtype, device="cpu"):
-    """A pool with the lists' tokens scattered over shuffled pages; returns pool, table and the
-    dense per-list tokens [B, H, n, D] in the kernel's logical order (ring slots, then kept)."""
-    R = -(-w // ps)
-    kcols = -(-int(kept.max()) // ps) if kept.numel() else 0
-    tw = R + max(kcols, 1)
-    n_pages = b * h * tw + 3
-    perm = torch.randperm(n_pages)
-    k_pool = torch.randn(n_pages, ps, d, dtype=dtype, device=device)
-    v_pool = torch.randn(n_pages, ps, d, dtype=dtype, device=device)
-    table = torch.full((b, h, tw), -1, dtype=torch.int64)
-    it = iter(perm.tolist())
-    for bi in range(b):
-        for hi in range(h):
-            for c in range(-(-int(n_ring[bi]) // ps)):
-                table[bi, hi, c] = next(it)
-            for c in range(-(-int(kept[bi, hi]) // ps)):
-                table[bi, hi, R + c] = next(it)
-    return k_pool, v_pool, table.to(device), R
-
-
-def dense_lists(k_pool, v_pool, table, n_ring, kept, R):
-    b, h, _ = table.shape
-    ps, d = k_pool.shape[1], k_pool.shape[2]
-    lens = n_ring[:, None] + kept
-    n = int(lens.max()) if lens.numel() else 0
-    k = torch.zeros(b, h, n + 1, d, dtype=k_pool.dtype)
-    v = torch.zeros_like(k)
-    for bi in range(b):
-        for hi in range(h):
-            for i in range(int(lens[bi, hi])):
-                if i < n_ring[bi]:
-                    page, off = table[bi, hi, i // ps], i % ps
-                else:
-                    j = i - int(n_ring[bi])
-                    page, off = table[bi, hi, R + j // ps], j % ps
-                k[bi, hi, i], v[bi, hi, i] = k_pool[page, off], v_pool[page, off]
-    return k, v, lens
-
-
-def reference_decode(q, k_new, v_new, k_lists, v_lists, lens):
-    """Each list as its own row: held tokens then the new token, all visible (decode)."""
-    b, hq, d = q.shape
-    h = k_new.shape[1]
-    g = hq // h
-    out = torch.empty(b, hq, d, dtype=torch.float64)
-    for bi in range(b):
-        for hi in range(h):
-            n = int(lens[bi, hi])
-            kk = torch.cat([k_lists[bi, hi, :n], k_new[bi, hi][None]])[None, None].double()
-            vv = torch.cat([v_lists[bi, hi, :n], v_new[bi, hi][None]])[None, None].double()
-            qq = q[bi, hi * g : (hi + 1) * g][None, :, None].double()
-            dec = torch.zeros(1, 1, n + 1, dtype=torch.bool)
-            o = ref.dms_attention_cached(qq, kk, vv, dec, 1, torch.tensor([[n]]), torch.tensor([n + 1]))
-            out[bi, hi * g : (hi + 1) * g] = o[0, :, 0]
-    return out
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -89,7 +31,7 @@ def test_decode_matches_reference(dtype, b, h, g, d, ps, w):
         kept[1, 0] = ps
     if h > 1:
         kept[0, 1] = 1
-    k_pool, v_pool, table, R = random_cache(b, h, g, d, ps, w, n_ring, kept, dtype)
+    k_pool, v_pool, table, R = random_cache(b, h, d, ps, w, n_ring, kept, dtype)
     q = torch.randn(b, h * g, d, dtype=dtype)
     k_new, v_new = torch.randn(b, h, d, dtype=dtype), torch.randn(b, h, d, dtype=dtype)
     out = paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept, R, block_n=16)
@@ -106,7 +48,7 @@ def test_empty_splits_get_zero_weight():
     b, h, g, d, ps, w = 2, 2, 2, 64, 16, 16
     n_ring = torch.tensor([0, 16])
     kept = torch.tensor([[0, 0], [0, 300]])
-    k_pool, v_pool, table, R = random_cache(b, h, g, d, ps, w, n_ring, kept, torch.float32)
+    k_pool, v_pool, table, R = random_cache(b, h, d, ps, w, n_ring, kept, torch.float32)
     q = torch.randn(b, h * g, d)
     k_new, v_new = torch.randn(b, h, d), torch.randn(b, h, d)
     out = paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept, R, block_n=16)
@@ -136,7 +78,7 @@ def test_merge_survives_very_negative_scores():
 
     b, h, g, d, ps, w = 1, 2, 2, 64, 16, 16
     n_ring, kept = torch.tensor([3]), torch.tensor([[0, 200]])  # head 0 has empty splits, head 1 fills them
-    k_pool, v_pool, table, R = random_cache(b, h, g, d, ps, w, n_ring, kept, torch.float32)
+    k_pool, v_pool, table, R = random_cache(b, h, d, ps, w, n_ring, kept, torch.float32)
     direction = torch.randn(d)
     k_pool[:] = direction
     k_new = direction.expand(b, h, d).clone()
