@@ -73,7 +73,8 @@ def hopper(device: torch.device) -> bool:
 
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the hand-written kernels cannot run on ``device`` (None: they can). They need the
-    built module, a CUDA device it can see, and compute capability 9.0 (sm_90a code only)."""
+    built module, a CUDA device it can see, and compute capability 9.0 (sm_90a code only).
+    Asked on every op call, so the answer is cached per device."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA tensors, got device {device}"
@@ -81,10 +82,13 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"dms_kernels._cuda is not built (install where nvcc exists): {_IMPORT_ERROR}"
     if device_count() == 0 or not torch.cuda.is_available():
         return "no CUDA device"
-    if not hopper(device):
-        cc = torch.cuda.get_device_capability(device)
-        return f"the kernels are built for sm_90a (Hopper), this GPU is sm_{cc[0]}{cc[1]}"
-    return None
+    return _device_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(index: int) -> str | None:
+    cc = torch.cuda.get_device_capability(index)
+    return None if cc == (9, 0) else f"the kernels are built for sm_90a (Hopper), this GPU is sm_{cc[0]}{cc[1]}"
 
 
 def decode_supported(dtype: torch.dtype, head_dim: int, group: int) -> bool:
