@@ -105,6 +105,10 @@ def _stream(lm, prompts, args) -> int:
         for rid in engine.add_request(p, params, n=args.samples):
             owner[rid] = i
     for out in engine.stream():
+        if out.token is None:  # ended without a token
+            err = engine.outputs[out.request_id].error
+            print(f"\ndms generate: request {out.request_id} ended ({out.finish_reason}): {err}", file=sys.stderr)
+            continue
         piece = lm.tokenizer.decode([out.token], skip_special_tokens=True) if lm.tokenizer else f" {out.token}"
         print(f"[{owner[out.request_id]}:{out.request_id}] {piece!r}" if len(owner) > 1 else piece, end="" if len(owner) == 1 else "\n", flush=True)
     print()

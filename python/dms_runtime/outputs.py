@@ -14,8 +14,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens (an EOS or stop token that ended it included)
     text: str | None
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "abort" | "error"
     live_tokens: list[list[int]]  # [L][Hkv] tokens the cache held for it at the end
+    error: Exception | None = None  # what ended it, when finish_reason is "error"
 
 
 class StopChecker:
@@ -53,12 +54,15 @@ class StopChecker:
         return text[:cut] if cut >= 0 else text
 
 
+def non_finite_error(step: int, names: list[int], what: str = "prompts") -> FloatingPointError:
+    return FloatingPointError(
+        f"logits: non-finite values at generation step {step} for {what} {names} "
+        "(check the weights and the dtype; bf16/fp16 overflow is a common cause)"
+    )
+
+
 def check_finite(logits: torch.Tensor, step: int, rows: list[int] | None = None) -> None:
     bad = ~torch.isfinite(logits).all(dim=-1)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()
-        names = [rows[i] for i in idx] if rows is not None else idx
-        raise FloatingPointError(
-            f"logits: non-finite values at generation step {step} for prompts {names} "
-            "(check the weights and the dtype; bf16/fp16 overflow is a common cause)"
-        )
+        raise non_finite_error(step, [rows[i] for i in idx] if rows is not None else idx)

@@ -44,6 +44,9 @@ def generate_paged(
     engine.run()
     elapsed = time.perf_counter() - t0
     outputs = [engine.outputs[i] for group in ids for i in group]
+    failed = next((o.error for o in outputs if o.error is not None), None)
+    if failed is not None:
+        raise failed
     st = engine.stats
     live = torch.tensor([o.live_tokens for o in outputs], dtype=torch.int64)
     lengths = [len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in outputs]

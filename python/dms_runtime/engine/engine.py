@@ -10,19 +10,19 @@ from typing import Iterator
 import torch
 
 from ..models.decoder import DecoderLM
-from ..outputs import RequestOutput, StopChecker, check_finite
+from ..outputs import RequestOutput, StopChecker, non_finite_error
 from ..paged.backends import project_for, select, store_for
 from ..paged.cache import PagedConfig, PagedKVCache
 from ..paged.step import PagedStep
 from ..sampling import Sampler, SamplingParams
-from .request import RUNNING, WAITING, Request
+from .request import FINISHED, RUNNING, WAITING, Request
 from .scheduler import Scheduler
 
 
 @dataclass(slots=True)
 class StepOutput:
     request_id: int
-    token: int
+    token: int | None  # None when the request ended without a token (finish_reason "abort" or "error")
     finished: bool
     finish_reason: str | None
 
@@ -119,6 +119,10 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One forward pass. Request state advances only once the pass has succeeded: a forward
+        that raises finishes the batch's requests with finish_reason "error" (their pages
+        freed); a request whose logits are not finite, or whose sampling fails, finishes the
+        same way, and the others go on."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -134,7 +138,11 @@ class Engine:
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64, device=dev)
         positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
         step = PagedStep(self.cache, slots, starts, n_new, self.attention, self.logits_hook, self.store, self.project)
-        logits = self.model(ids.to(dev), positions, step, logits_index=n_new - 1)[:, 0].float()
+        try:
+            logits = self.model(ids.to(dev), positions, step, logits_index=n_new - 1)[:, 0].float()
+            finite = torch.isfinite(logits).all(-1).tolist()
+        except Exception as exc:  # the cache may hold part of this step: these requests end here
+            return [self._finish(req, "error", exc) for r in reqs for req in [r] + self._drop_forks(r)]
         self.cache.seq_len[slots] += n_new
 
         st = self.stats
@@ -147,10 +155,13 @@ class Engine:
         st.peak_dense_bytes = max(st.peak_dense_bytes, dense_now)
 
         out: list[StepOutput] = []
-        ready = [(i, r) for i, r in enumerate(reqs) if r.remaining == 0]
-        if ready:
-            check_finite(logits[[i for i, _ in ready]], st.steps, [r.id for _, r in ready])
-        for i, r in ready:
+        for i, r in enumerate(reqs):
+            if r.remaining != 0:
+                continue
+            if not finite[i]:
+                err = non_finite_error(len(r.generated), [r.id], "requests")
+                out += [self._finish(req, "error", err) for req in [r] + self._drop_forks(r)]
+                continue
             for req in [r] + self._fork_pending(r):  # forked samples draw from the same logits
                 out.append(self._sample(req, logits[i]))
 
@@ -165,6 +176,37 @@ class Engine:
             st.decode_kv_bytes_read += read
             st.decode_tokens += len(reqs)
         return out
+
+    def abort(self, request_id: int) -> bool:
+        """End a request now (finish_reason "abort"), freeing its pages and slot. False when the
+        id is unknown or the request has already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.status == FINISHED:
+            return False
+        for parent in self.scheduler.running + list(self.scheduler.waiting):
+            if req in parent.pending_forks:  # a sample not forked yet
+                parent.pending_forks.remove(req)
+                break
+        else:
+            # samples still waiting for this prompt's prefill now prefill on their own
+            for child in self._drop_forks(req):
+                self.scheduler.add(child)
+        self._finish(req, "abort")
+        return True
+
+    def _drop_forks(self, parent: Request) -> list[Request]:
+        forks, parent.pending_forks = parent.pending_forks, []
+        return forks
+
+    def _finish(self, req: Request, reason: str, error: Exception | None = None) -> StepOutput:
+        """Record the output, free the request's pages and slot, and report it finished."""
+        req.finish_reason = reason
+        req.live_tokens = self.cache.live_tokens(req.slot).tolist() if req.slot is not None else None
+        self.scheduler.finish(req)
+        self.outputs[req.id] = RequestOutput(
+            prompt_token_ids=req.prompt_ids, token_ids=req.generated, text=req.stops.text(req.generated),
+            finish_reason=reason, live_tokens=req.live_tokens, error=error)
+        return StepOutput(req.id, None if reason in ("abort", "error") else req.tokens[-1], True, reason)
 
     def _fork_pending(self, parent: Request) -> list[Request]:
         """Give the parent's pages to its other samples; one without a slot or pages prefills alone later."""
@@ -184,17 +226,15 @@ class Engine:
         return made
 
     def _sample(self, req: Request, logits_row: torch.Tensor) -> StepOutput:
-        token = Sampler.draw(req.params, logits_row, req.generator)
+        try:
+            token = Sampler.draw(req.params, logits_row, req.generator)
+        except Exception as exc:
+            return self._finish(req, "error", exc)
         req.tokens.append(token)
         reason = req.stops.check(req.generated)
         if reason is not None:
-            req.finish_reason = reason
-            req.live_tokens = self.cache.live_tokens(req.slot).tolist()
-            self.scheduler.finish(req)
-            self.outputs[req.id] = RequestOutput(
-                prompt_token_ids=req.prompt_ids, token_ids=req.generated, text=req.stops.text(req.generated),
-                finish_reason=reason, live_tokens=req.live_tokens)
-        return StepOutput(req.id, token, reason is not None, reason)
+            return self._finish(req, reason)
+        return StepOutput(req.id, token, False, None)
 
     def stream(self) -> Iterator[StepOutput]:
         while self.has_unfinished():

@@ -62,12 +62,17 @@ class Scheduler:
         return self.free_slots.pop() if self.free_slots else None
 
     def finish(self, req: Request) -> None:
+        """Take a request out (finished, failed or aborted, running or waiting), freeing its pages."""
         self.hold_admission = False
+        if req.slot is not None:
+            self.cache.free_seq(req.slot)
+            self.free_slots.append(req.slot)
+            req.slot = None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
         req.status = FINISHED
-        self.cache.free_seq(req.slot)
-        self.free_slots.append(req.slot)
-        req.slot = None
-        self.running.remove(req)
 
     def preempt(self, req: Request) -> None:
         self.cache.free_seq(req.slot)
