@@ -11,7 +11,8 @@ import torch
 from .config import DMSConfig, ModelConfig
 from .hub import EmbeddedModel, resolve, shipped_retrofit
 from .models.decoder import DecoderLM
-from .models.loading import load_model, load_named_weights
+from . import validation as V
+from .models.loading import load_model, load_named_weights, read_json
 from .outputs import RequestOutput
 from .paged.cache import PagedConfig
 from .paged_generate import generate_paged
@@ -58,9 +59,18 @@ def _dtype(dtype) -> torch.dtype:
 def _device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise V.SettingTypeError(f"device: expected 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise V.UserError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise V.UserError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise V.UserError(f"device: {device!r} requested but there are {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -77,6 +87,9 @@ def load(
     ``dms`` gives or overrides the DMS settings (a :class:`DMSConfig`, or a dict with keys
     like ``{"dms_window_size": 256}``); a checkpoint without ``dms_*`` keys loads as vanilla.
     """
+    if not isinstance(name_or_path, (str, Path)):
+        raise V.SettingTypeError(f"name_or_path: expected a model name, folder or .gguf path, got {name_or_path!r}")
+    _dtype(dtype), _device(device)  # fail on bad settings before anything is read or converted
     shipped = shipped_retrofit(str(name_or_path))
     if shipped is not None:
         lm = _load_adapter(shipped, dtype=dtype, device=device, dms=dms)
@@ -97,13 +110,13 @@ def load(
 
 def _load_adapter(folder: Path, *, dtype, device, dms) -> LoadedModel:
     """A retrofit saved as DMS weights + settings on top of a base model named in dms_config.json."""
-    import json
 
-    raw = json.loads((folder / "dms_config.json").read_text())
+    raw = read_json(folder / "dms_config.json")
     base = raw.get("base_model")
     if not base:
         raise ValueError(f"model: {folder}/dms_config.json names no base_model")
     settings = {k: v for k, v in raw.items() if k.startswith("dms_")}
+    DMSConfig.from_hf_dict(settings, where=str(folder / "dms_config.json"))  # the file's own values
     if dms is not None and not isinstance(dms, dict):
         raise ValueError("dms: give a dict of dms_* keys to override a retrofit's settings")
     settings.update(dms or {})
@@ -149,11 +162,8 @@ def encode_prompts(lm: LoadedModel, prompts, chat: bool | None) -> list[list[int
                 ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 ids = lm.tokenizer(p)["input_ids"]
-        elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            ids = list(p)
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {vocab}), got {bad[:4]}")
+        elif isinstance(p, Sequence) and not isinstance(p, bytes):
+            ids = V.token_ids(f"prompts[{i}]", p, vocab, empty_ok=True)
         else:
             raise ValueError(f"prompts[{i}]: expected a string or a list of ints, got {type(p).__name__}")
         if not ids:
@@ -190,6 +200,14 @@ def generate(
         params = SamplingParams(**sampling)
     elif sampling:
         raise ValueError(f"pass sampling settings either as params or as keywords, not both: {sorted(sampling)}")
+    elif not isinstance(params, SamplingParams):
+        raise V.SettingTypeError(f"params: expected a SamplingParams (or sampling keywords), got {type(params).__name__}")
+    params.validate()  # also when a field was changed after creation
+    n = V.integer("n", n, 1, V.MAX_SAMPLES)
+    if paged is not None and not isinstance(paged, PagedConfig):
+        raise V.SettingTypeError(f"paged: expected a PagedConfig, got {type(paged).__name__}")
+    if chat is not None:
+        V.boolean("chat", chat)
     if backend not in ("paged", "reference"):
         raise ValueError(f"backend: expected 'paged' or 'reference', got {backend!r}")
     if backend == "reference" and (n != 1 or paged is not None):

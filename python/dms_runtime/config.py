@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import validation as V
+
 # Keys released DMS checkpoints put in config.json, with our defaults.
 DMS_KEYS = {
     "dms_window_size": ("window_size", 256),
@@ -47,26 +49,30 @@ class DMSConfig:
         self.validate()
 
     def validate(self) -> None:
-        w = self.window_size
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"dms_window_size: expected an int >= 1, got {w!r}")
-        if self.alpha_per not in ("head", "layer"):
-            raise ValueError(f"dms_alpha_per: expected 'head' or 'layer', got {self.alpha_per!r}")
-        if not self.tau > 0:
-            raise ValueError(f"dms_tau: expected a positive number, got {self.tau!r}")
-        if self.cr is not None and not self.cr >= 1:
-            raise ValueError(f"dms_cr: expected a number >= 1, got {self.cr!r}")
+        """Types, finiteness and ranges of every field (a NaN scale or a "no" would silently turn
+        eviction off); run again wherever the settings are consumed."""
+        self.window_size = V.integer("dms_window_size", self.window_size, 1, V.MAX_WINDOW)
+        self.alpha_scale = V.number("dms_alpha_scale", self.alpha_scale, 0, lo_open=True)
+        self.initial_alpha_offset = V.number("dms_initial_alpha_offset", self.initial_alpha_offset)
+        if self.cr is not None:
+            self.cr = V.number("dms_cr", self.cr, 1)
+        V.boolean("dms_separate_alpha", self.separate_alpha)
+        V.choice("dms_alpha_per", self.alpha_per, ("head", "layer"))
+        self.tau = V.number("dms_tau", self.tau, 0, lo_open=True)
+        V.boolean("dms_disable_eviction", self.disable_eviction)
+        if not isinstance(self.extra, dict):
+            raise V.SettingTypeError(f"extra: expected a dict of unknown dms_* keys, got {type(self.extra).__name__}")
 
     @property
     def evicts(self) -> bool:
         return not self.disable_eviction
 
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any]) -> "DMSConfig | None":
+    def from_hf_dict(cls, raw: dict[str, Any], where: str = "config.json") -> "DMSConfig | None":
         """Read the ``dms_*`` keys of a config.json; None when there are none (a vanilla model).
 
         Unknown ``dms_*`` keys (block size, chunked prefill, preallocation, ...) are kept in
-        ``extra`` and otherwise ignored.
+        ``extra`` and otherwise ignored. A wrong value is an error naming ``where`` and the key.
         """
         present = {k: v for k, v in raw.items() if k.startswith("dms_")}
         if not present:
@@ -83,7 +89,12 @@ class DMSConfig:
             ws = kwargs["window_size"]
             if isinstance(ws, float) and ws.is_integer():
                 kwargs["window_size"] = int(ws)
-        return cls(extra=extra, **kwargs)
+        try:
+            return cls(extra=extra, **kwargs)
+        except V.SettingTypeError as e:
+            raise V.SettingTypeError(f"{where}: {e}") from None
+        except ValueError as e:
+            raise V.UserError(f"{where}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = {hf: getattr(self, ours) for hf, (ours, _) in DMS_KEYS.items()}

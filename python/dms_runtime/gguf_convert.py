@@ -11,12 +11,17 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .models.registry import ARCHITECTURES
+from .validation import UserError
+
+# what the GGUF reader raises on a truncated or corrupt file (struct.error: a header cut short)
+_UNREADABLE = (ValueError, KeyError, IndexError, EOFError, OSError, struct.error)
 
 
 def cache_root() -> Path:
@@ -47,17 +52,22 @@ def convert_gguf(gguf_path: str | Path, *, force: bool = False) -> Path:
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         hf_cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"gguf_path: cannot read {name!r} as a supported architecture ({e})") from e
+    except _UNREADABLE as e:
+        raise UserError(f"gguf_path: cannot read {str(gguf_path)!r} as a GGUF file of a supported architecture; "
+                        f"it may be truncated or corrupt ({type(e).__name__}: {e})") from None
     if hf_cfg.model_type not in ("llama", "qwen2", "qwen3"):
         raise ValueError(f"gguf_path: unsupported architecture {hf_cfg.model_type!r}; supported: llama, qwen2, qwen3")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_cfg)
-    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)
-    tensors = {k: v.float().contiguous() for k, v in parsed["tensors"].items()}
+    try:
+        parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)
+        tensors = {k: v.float().contiguous() for k, v in parsed["tensors"].items()}
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except _UNREADABLE as e:
+        raise UserError(f"gguf_path: the tensors or tokenizer of {str(gguf_path)!r} cannot be read; the file may be "
+                        f"truncated or corrupt ({type(e).__name__}: {e})") from None
     if hf_cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import validation as V
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -27,21 +29,19 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         self.validate()
 
     def validate(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop: expected non-empty strings, got {self.stop!r}")
+        """Types, finiteness and ranges; run at creation and again by ``generate()`` and
+        ``Engine.add_request`` (a field changed after creation is checked before it is used)."""
+        self.max_new_tokens = V.integer("max_new_tokens", self.max_new_tokens, 1, V.MAX_TOKENS)
+        self.temperature = V.number("temperature", self.temperature, 0)
+        self.top_k = V.integer("top_k", self.top_k, 0, V.MAX_TOKENS)
+        self.top_p = V.number("top_p", self.top_p, 0, 1, lo_open=True)
+        self.seed = V.seed("seed", self.seed)
+        self.stop = V.strings("stop", self.stop)
+        self.stop_token_ids = V.token_ids("stop_token_ids", self.stop_token_ids, empty_ok=True)
+        V.boolean("ignore_eos", self.ignore_eos)
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from .. import validation as V
 from ..models.decoder import DecoderLM
 from ..outputs import RequestOutput, StopChecker, non_finite_error
 from ..paged.backends import project_for, select, store_for
@@ -53,8 +54,13 @@ class Engine:
     def __init__(self, model: DecoderLM, config: PagedConfig | None = None, *, eos_ids: set[int] | None = None,
                  tokenizer=None, logits_hook=None):
         self.model = model
+        if config is not None and not isinstance(config, PagedConfig):
+            raise V.SettingTypeError(f"config: expected a PagedConfig, got {type(config).__name__}")
         self.config = config or PagedConfig()
+        self.config.validate()  # settings changed after creation are checked before they size anything
         cfg = model.config
+        if cfg.dms is not None:
+            cfg.dms.validate()
         max_len = self.config.max_model_len or cfg.max_position_embeddings
         self.cache = PagedKVCache(cfg, self.config, model.dtype, model.device, max_len)
         self.scheduler = Scheduler(self.cache, self.config.prefill_chunk)
@@ -75,14 +81,12 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1) -> list[int]:
         """Queue a prompt; returns the ids of its ``n`` samples. Sample ``i`` of the engine (ids
         count from 0) draws from a generator seeded ``params.seed + i``."""
-        params = params or SamplingParams()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected an int >= 1, got {n!r}")
-        if not prompt_ids:
-            raise ValueError("prompt_ids: the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if any(not (isinstance(t, int) and 0 <= t < vocab) for t in prompt_ids):
-            raise ValueError(f"prompt_ids: token ids must be ints in [0, {vocab})")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise V.SettingTypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        params.validate()  # the same checks as generate(), also after a field was changed
+        n = V.integer("n", n, 1, V.MAX_SAMPLES)
+        prompt_ids = V.token_ids("prompt_ids", prompt_ids, self.model.config.vocab_size)
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.cache.max_model_len:
             raise ValueError(f"prompt_ids: {len(prompt_ids)} prompt tokens + max_new_tokens={params.max_new_tokens} "
@@ -228,10 +232,10 @@ class Engine:
     def _sample(self, req: Request, logits_row: torch.Tensor) -> StepOutput:
         try:
             token = Sampler.draw(req.params, logits_row, req.generator)
+            reason = req.stops.check(req.generated + [token])
         except Exception as exc:
             return self._finish(req, "error", exc)
         req.tokens.append(token)
-        reason = req.stops.check(req.generated)
         if reason is not None:
             return self._finish(req, reason)
         return StepOutput(req.id, token, False, None)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..config import DMSConfig, ModelConfig
+from ..validation import UserError
 from .decoder import DecoderLM
 from .layers import rope_inv_freq
 from .registry import model_config_from_hf
@@ -26,8 +27,38 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"model_path: {str(cfg)!r} is missing (a model folder needs config.json + safetensors)")
-    with open(cfg) as f:
-        return json.load(f)
+    return read_json(cfg)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file; a broken or non-object file is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` with the file named in the error when it is not a readable safetensors file."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _get_tensor(f, path: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: tensor {name!r} cannot be read; the file is corrupt or truncated ({e})") from None
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -35,8 +66,10 @@ def weight_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: expected a \"weight_map\" object of tensor name -> shard file")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileNotFoundError(f"model_path: shards listed in {index.name} are missing: {missing}")
@@ -52,10 +85,11 @@ def weight_files(folder: str | Path) -> list[Path]:
     )
 
 
-def resolve_dms(raw: dict[str, Any], dms: DMSConfig | dict[str, Any] | None) -> DMSConfig | None:
+def resolve_dms(raw: dict[str, Any], dms: DMSConfig | dict[str, Any] | None,
+                where: str = "config.json") -> DMSConfig | None:
     """The checkpoint's DMS settings, overridden by ``dms`` (a DMSConfig, or a dict of ``dms_*`` keys
     or DMSConfig field names)."""
-    base = DMSConfig.from_hf_dict(raw)
+    base = DMSConfig.from_hf_dict(raw, where=where)
     if dms is None:
         return base
     if isinstance(dms, DMSConfig):
@@ -82,7 +116,8 @@ def load_model(
 ) -> tuple[DecoderLM, dict[str, Any]]:
     folder = Path(folder)
     raw = read_config(folder)
-    cfg = model_config_from_hf(raw, resolve_dms(raw, dms), where=str(folder / "config.json"))
+    where = str(folder / "config.json")
+    cfg = model_config_from_hf(raw, resolve_dms(raw, dms, where), where=where)
     files = weight_files(folder)
     with torch.device("meta"):
         model = DecoderLM(cfg)
@@ -90,17 +125,17 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if name.endswith(_IGNORED_WEIGHTS):
                     continue
                 if name not in expected:
                     unexpected.append(name)
                     continue
-                t = f.get_tensor(name)
+                t = _get_tensor(f, path, name)
                 if tuple(t.shape) != tuple(expected[name].shape):
                     raise ValueError(
-                        f"{path.name}: weight {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name].shape)}"
+                        f"{path}: weight {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name].shape)}"
                     )
                 state[name] = t.to(device=device, dtype=dtype)
     if unexpected:
@@ -133,13 +168,22 @@ def _materialise_rest(model: DecoderLM, cfg: ModelConfig, state, dtype, device) 
 def load_named_weights(model: DecoderLM, path: str | Path, what: str = "weights") -> None:
     """Copy the tensors of a safetensors file into the model's parameters of the same names
     (a retrofit's DMS weights, a checkpoint); names the model lacks are an error."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    with open_safetensors(path) as f:
+        weights = {n: _get_tensor(f, path, n) for n in f.keys()}
     params = dict(model.named_parameters())
     unknown = [n for n in weights if n not in params]
     if unknown:
-        raise ValueError(f"{what}: {Path(path).name} holds weights this model does not have: {unknown[:4]}")
+        raise ValueError(f"{what}: {path} holds weights this model does not have: {unknown[:4]}")
+    wrong = [(n, tuple(w.shape), tuple(params[n].shape)) for n, w in weights.items() if w.shape != params[n].shape]
+    if wrong:
+        n, got, want = wrong[0]
+        raise ValueError(f"{what}: {path}: weight {n!r} has shape {got}, this model's is {want}")
+    bad = [n for n, w in weights.items() if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+    if bad:
+        raise ValueError(f"{what}: {path}: weight {bad[0]!r} holds non-finite values")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w.to(params[n].dtype))

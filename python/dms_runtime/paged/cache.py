@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import validation as V
 from ..config import ModelConfig
 
 
@@ -47,14 +48,18 @@ class PagedConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        for name in ("page_size", "max_seqs", "prefill_chunk"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        for name in ("num_pages", "kv_memory_bytes", "max_model_len"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}: expected None or an int >= 1, got {v!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Types and ranges (run at creation and again by the engine that consumes the settings)."""
+        self.page_size = V.integer("page_size", self.page_size, 1, V.MAX_PAGE_SIZE)
+        self.max_seqs = V.integer("max_seqs", self.max_seqs, 1, V.MAX_SEQS)
+        self.prefill_chunk = V.integer("prefill_chunk", self.prefill_chunk, 1, V.MAX_TOKENS)
+        self.num_pages = V.optional_integer("num_pages", self.num_pages, 1, V.MAX_PAGES)
+        self.kv_memory_bytes = V.optional_integer("kv_memory_bytes", self.kv_memory_bytes, 1)
+        self.max_model_len = V.optional_integer("max_model_len", self.max_model_len, 1, V.MAX_TOKENS)
+        if not isinstance(self.attention, str):
+            raise V.SettingTypeError(f"attention: expected a backend name (a string), got {self.attention!r}")
 
 
 def worst_case_pages(num_layers: int, num_kv_heads: int, window: int, page_size: int, total_tokens: int) -> int:
@@ -98,7 +103,9 @@ class PagedKVCache:
         self.ps = pcfg.page_size
         self.evicts = cfg.dms_active
         # Without eviction every token is kept; the ring is then a one-page staging area.
-        self.w = cfg.dms.window_size if self.evicts else self.ps
+        # A window at least as long as the longest sequence never lets a token leave: a ring of
+        # max_model_len slots behaves the same and keeps a huge dms_window_size from sizing the tables.
+        self.w = min(cfg.dms.window_size, max_model_len) if self.evicts else self.ps
         self.R = math.ceil(self.w / self.ps)
         self.max_model_len = max_model_len
         self.K = math.ceil(max_model_len / self.ps)
@@ -116,6 +123,7 @@ class PagedKVCache:
             raise ValueError(f"num_pages: the pool would hold {pages} pages; give more kv_memory_bytes")
         self.P = int(pages)
         dev = self.device
+        V.check_allocation("PagedKVCache", self.nbytes(), dev)
         self.k_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
         self.v_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
         self.page_ref = torch.zeros(self.P, dtype=torch.int32, device=dev)
@@ -127,6 +135,12 @@ class PagedKVCache:
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=dev)
         self.peak_pages = 0
         self._heads = torch.arange(self.H, device=dev)
+
+    def nbytes(self) -> int:
+        """Bytes the pool and its tables take (checked against free memory before allocating)."""
+        pool = 2 * self.P * self.ps * self.D * self.dtype.itemsize + self.P * (4 + 8)
+        tables = self.NL * ((self.R + self.K) * 8 + 8 + self.w) + self.max_seqs * 8
+        return pool + tables
 
     # ------------------------------------------------------------------ addressing
 
