@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from . import validation as V
 from .paged.cache import PagedConfig
+from .validation import cli_float, cli_int
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -16,22 +18,24 @@ def _add_generate(sub) -> None:
     p.add_argument("prompts", nargs="*", help="prompts (also --prompt, repeatable)")
     p.add_argument("--prompt", "-p", action="append", default=[], dest="more_prompts")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"embedded name, model folder or .gguf file (default {DEFAULT_MODEL})")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", "-n", type=cli_int(1, V.MAX_TOKENS), default=64)
+    p.add_argument("--temperature", "-t", type=cli_float(0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=cli_int(0, V.MAX_TOKENS), default=0)
+    p.add_argument("--top-p", type=cli_float(0, 1, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=cli_int(0, V.MAX_SEED), default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dms-window", type=int, default=None, help="give or override the DMS delay window")
+    p.add_argument("--dms-window", type=cli_int(1, V.MAX_WINDOW), default=None,
+                   help="give or override the DMS delay window")
     p.add_argument("--no-eviction", action="store_true", help="run a DMS model with eviction off")
     p.add_argument("--backend", default="paged", choices=["paged", "reference"],
                    help="paged (the serving engine, default) or reference (the dense oracle)")
-    p.add_argument("--samples", type=int, default=1, help="parallel samples per prompt (paged; share prompt pages)")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--samples", type=cli_int(1, V.MAX_SAMPLES), default=1,
+                   help="parallel samples per prompt (paged; share prompt pages)")
+    p.add_argument("--page-size", type=cli_int(1, V.MAX_PAGE_SIZE), default=16)
     p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
@@ -115,8 +119,25 @@ def _stream(lm, prompts, args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dms retrofit: error: argument --steps: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# What a user can get wrong (settings, paths, files, the model's numbers): one line, exit 2. Anything
+# else is a bug in this program and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dms", description="Dynamic Memory Sparsification runtime")
+    parser = _Parser(prog="dms", description="Dynamic Memory Sparsification runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     from .retrofit import cli as retrofit_cli
@@ -131,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             return retrofit_cli.run(args)
         if args.command == "eval":
             return retrofit_cli.run_eval(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
-        print(f"dms {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"dms {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dms {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

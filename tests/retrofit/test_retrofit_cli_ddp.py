@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 import dms_runtime as dr
 from dms_runtime.cli import main
@@ -54,15 +55,16 @@ def _ddp_worker(rank, world, port, folder, result_dir):
     w = torch.cat([p.detach().flatten() for p in tr.params])
     gathered = [torch.zeros_like(w) for _ in range(world)]
     dist.all_gather(gathered, w)
-    torch.save({"weights": gathered, "changed": bool(w.abs().sum() > 0)}, os.path.join(result_dir, f"{rank}.pt"))
+    save_file({"weights": torch.stack(gathered), "changed": torch.tensor(bool(w.abs().sum() > 0))},
+              os.path.join(result_dir, f"{rank}.safetensors"))
     dist.destroy_process_group()
 
 
 def test_two_gloo_processes_keep_identical_weights(tiny_factory, tmp_path):
     folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 2, "dms_separate_alpha": True})
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(folder), str(tmp_path)), nprocs=2, join=True)
-    res = torch.load(tmp_path / "0.pt")
-    assert res["changed"]
+    res = load_file(tmp_path / "0.safetensors")
+    assert bool(res["changed"])
     assert torch.equal(res["weights"][0], res["weights"][1])  # gradients were averaged across ranks
 
 

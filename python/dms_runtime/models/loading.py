@@ -54,7 +54,7 @@ def open_safetensors(path: Path):
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _get_tensor(f, path: Path, name: str) -> torch.Tensor:
+def read_tensor(f, path: Path, name: str) -> torch.Tensor:
     try:
         return f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -132,7 +132,7 @@ def load_model(
                 if name not in expected:
                     unexpected.append(name)
                     continue
-                t = _get_tensor(f, path, name)
+                t = read_tensor(f, path, name)
                 if tuple(t.shape) != tuple(expected[name].shape):
                     raise ValueError(
                         f"{path}: weight {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name].shape)}"
@@ -172,7 +172,7 @@ def load_named_weights(model: DecoderLM, path: str | Path, what: str = "weights"
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} does not exist")
     with open_safetensors(path) as f:
-        weights = {n: _get_tensor(f, path, n) for n in f.keys()}
+        weights = {n: read_tensor(f, path, n) for n in f.keys()}
     params = dict(model.named_parameters())
     unknown = [n for n in weights if n not in params]
     if unknown:

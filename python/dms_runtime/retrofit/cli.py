@@ -7,32 +7,53 @@ import itertools
 import os
 from pathlib import Path
 
+from ..validation import MAX_SEED, MAX_SEQS, MAX_TOKENS, MAX_WINDOW, UserError, cli_float, cli_int
+
+# what a retrofit writes into --out; --overwrite removes these (and nothing else) first
+OUTPUT_FILES = ("dms_weights.safetensors", "dms_config.json", "trainer_state.safetensors", "trainer_state.json",
+                "trainer_state.pt", "log.jsonl")
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
+    """Refuse to train over an earlier retrofit unless told to continue it or replace it."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise UserError(f"--out: {str(out)!r} exists and is not empty; pass --resume to continue its run or "
+                        f"--overwrite to replace it")
+    if overwrite and rank == 0 and out.is_dir():
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("retrofit", help="retrofit a model with DMS (distillation + compression loss)")
     p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="embedded name, folder or .gguf (the base)")
     p.add_argument("--out", required=True, help="output folder: DMS weights + settings (+ trainer state)")
-    p.add_argument("--cr", type=float, default=8.0, help="final compression ratio")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--steps-per-cr", type=int, default=100)
+    p.add_argument("--cr", type=cli_float(1), default=8.0, help="final compression ratio")
+    p.add_argument("--steps", type=cli_int(1), default=1000)
+    p.add_argument("--steps-per-cr", type=cli_int(1), default=100)
     p.add_argument("--init-from", default=None,
                    help="start from this retrofit folder's DMS weights (fresh optimizer), e.g. CR 8 from CR 4")
-    p.add_argument("--cr-start", type=float, default=1.0, help="CR where the anneal starts (the --init-from CR)")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--cr-start", type=cli_float(1), default=1.0, help="CR where the anneal starts (the --init-from CR)")
+    p.add_argument("--window", type=cli_int(1, MAX_WINDOW), default=256)
+    p.add_argument("--tau", type=cli_float(0, lo_open=True), default=0.1)
     p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
     p.add_argument("--trainable", choices=["dms", "all"], default="dms")
-    p.add_argument("--lr", type=float, default=3e-5,
+    p.add_argument("--lr", type=cli_float(0, lo_open=True), default=3e-5,
                    help="AdamW learning rate (the logit scale of 100 makes 1e-3 diverge; see the shipped recipes)")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4, help="sequences per step and per process")
+    p.add_argument("--warmup", type=cli_int(0), default=20)
+    p.add_argument("--clip", type=cli_float(0, lo_open=True), default=1.0)
+    p.add_argument("--seq-len", type=cli_int(2, MAX_TOKENS), default=1024)
+    p.add_argument("--batch", type=cli_int(1, MAX_SEQS), default=4, help="sequences per step and per process")
     p.add_argument("--data", nargs="+", default=["stdlib", "synthetic"],
                    help="'stdlib', 'synthetic', 'selfdistill' (the base model's own answers, cached), or .txt/.jsonl files")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=cli_int(1), default=100)
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the retrofit in an existing --out (its weights, settings, trainer state and log)")
+    p.add_argument("--seed", type=cli_int(0, MAX_SEED), default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast of the forward passes")
 
@@ -44,14 +65,14 @@ def add_eval_parser(sub) -> None:
                                     "heuristic eviction policies at the same KV budget")
     p.add_argument("--model", "-m", required=True, nargs="+",
                    help="DMS models: folders, retrofit folders or embedded names (several: one curve each)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--sequences", type=int, default=2, help="held-out texts per length")
-    p.add_argument("--passkey-trials", type=int, default=0, help="passkey retrieval trials per length (0: skip)")
-    p.add_argument("--vartrack-trials", type=int, default=0, help="variable-tracking trials per length (0: skip)")
+    p.add_argument("--lengths", type=cli_int(1, MAX_TOKENS), nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--sequences", type=cli_int(1), default=2, help="held-out texts per length")
+    p.add_argument("--passkey-trials", type=cli_int(0), default=0, help="passkey retrieval trials per length (0: skip)")
+    p.add_argument("--vartrack-trials", type=cli_int(0), default=0, help="variable-tracking trials per length (0: skip)")
     p.add_argument("--policy", nargs="+", default=[], choices=POLICIES,
                    help="baselines run at each DMS model's peak KV budget: streaming (StreamingLLM), tova, h2o, "
                         "quest; their passkey accuracy is teacher-forced, like vanilla's and DMS's next to them")
-    p.add_argument("--dms-window", type=int, default=None)
+    p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None)
     p.add_argument("--plot", default=None, help="write quality vs KV memory / KV reads to this PNG")
     p.add_argument("--json", action="store_true")
 
@@ -198,7 +219,13 @@ def run(args) -> int:
     from . import data
     from .trainer import RetrofitConfig, Retrofitter
 
+    from .trainer import has_state
+
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if args.cr_start > args.cr:
+        raise UserError(f"--cr-start: expected at most --cr={args.cr}, got {args.cr_start}")
+    out = Path(args.out)
+    prepare_out(out, args.resume, args.overwrite, int(os.environ.get("RANK", "0")))
     if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = torch.distributed.get_rank() if distributed else 0
@@ -213,10 +240,9 @@ def run(args) -> int:
                          init_from=args.init_from, window=args.window, tau=args.tau, lr=args.lr,
                          warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
                          autocast_bf16=args.autocast_bf16)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Retrofitter(lm.model, cfg, log_path=out / "log.jsonl", base_model=args.model)
-    if args.resume and (out / "trainer_state.pt").is_file():
+    if args.resume and has_state(out):
         trainer.resume(out)
     seqs = data.pack(_documents(args.data, args.seed, args.seq_len, lm), lm.tokenizer, args.seq_len,
                      eos_id=lm.tokenizer.eos_token_id)

@@ -4,6 +4,7 @@ one-sided compression loss, AdamW with warm-up and clipping, adapter checkpoints
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 from ..attention import FullSequenceAttention
 from ..models.decoder import DecoderLM
-from ..models.loading import load_named_weights
+from .. import validation as V
+from ..models.loading import load_named_weights, open_safetensors, read_json, read_tensor
 from .attention import TrainingAttention, eviction_off
 from .losses import compression_target, distillation_kl
 
@@ -37,13 +39,23 @@ class RetrofitConfig:
     init_from: str | None = None  # a retrofit folder whose DMS weights start this run (fresh optimizer)
 
     def __post_init__(self):
-        if self.trainable not in ("dms", "all"):
-            raise ValueError(f"trainable: expected 'dms' or 'all', got {self.trainable!r}")
-        if self.window < 1:
-            raise ValueError(f"window: expected >= 1, got {self.window}")
-        if not self.tau > 0:
-            raise ValueError(f"tau: expected > 0, got {self.tau}")
-        if not 1 <= self.initial_cr <= self.final_cr:
+        self.final_cr = V.number("final_cr", self.final_cr, 1)
+        self.steps_per_cr = V.integer("steps_per_cr", self.steps_per_cr, 1)
+        self.initial_cr = V.number("initial_cr", self.initial_cr, 1)
+        self.window = V.integer("window", self.window, 1, V.MAX_WINDOW)
+        self.tau = V.number("tau", self.tau, 0, lo_open=True)
+        self.lr = V.number("lr", self.lr, 0, lo_open=True)
+        self.weight_decay = V.number("weight_decay", self.weight_decay, 0)
+        self.warmup_steps = V.integer("warmup_steps", self.warmup_steps, 0)
+        self.clip = V.number("clip", self.clip, 0, lo_open=True)
+        V.choice("trainable", self.trainable, ("dms", "all"))
+        self.seed = V.integer("seed", self.seed, 0, V.MAX_SEED)
+        V.boolean("autocast_bf16", self.autocast_bf16)
+        if self.init_from is not None and not isinstance(self.init_from, (str, Path)):
+            raise V.SettingTypeError(f"init_from: expected a retrofit folder, got {self.init_from!r}")
+        if self.init_from is not None:
+            self.init_from = str(self.init_from)
+        if not self.initial_cr <= self.final_cr:
             raise ValueError(f"initial_cr: expected between 1 and final_cr={self.final_cr}, got {self.initial_cr}")
 
 
@@ -135,26 +147,132 @@ class Retrofitter:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, folder: str | Path) -> Path:
-        """The trainable weights (safetensors), the DMS settings, and the trainer state for resume."""
+        """The trainable weights (safetensors), the DMS settings, and the trainer state for resume:
+        its tensors (optimiser moments, RNG state) in safetensors, the rest in JSON; no pickle.
+        Every file is written to a temporary name and renamed, and each records the step, so an
+        interrupted save is detected on resume instead of mixing two steps."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        step = {"step": str(self.step_count)}
+        tensors, optimizer = _flatten_optimizer(self.opt.state_dict())
+        tensors["generator"] = self.generator.get_state()
+        _atomic(folder / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata=step))
+        state = {"format": STATE_FORMAT, "step": self.step_count, "optimizer": optimizer, "config": asdict(self.config)}
+        _atomic(folder / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=1)))
         names = {id(p) for p in self.params}
         weights = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if id(p) in names}
-        save_file(weights, str(folder / "dms_weights.safetensors"))
-        (folder / "dms_config.json").write_text(json.dumps({**self.model.config.dms.to_hf_dict(),
-                                                            "base_model": self.base_model,
-                                                            "trainable": self.config.trainable,
-                                                            "retrofit": asdict(self.config)}, indent=2))
-        torch.save({"step": self.step_count, "optimizer": self.opt.state_dict(),
-                    "generator": self.generator.get_state()}, folder / "trainer_state.pt")
+        _atomic(folder / WEIGHTS, lambda p: save_file(weights, str(p), metadata=step))
+        settings = {**self.model.config.dms.to_hf_dict(), "base_model": self.base_model,
+                    "trainable": self.config.trainable, "retrofit": asdict(self.config)}
+        _atomic(folder / "dms_config.json", lambda p: p.write_text(json.dumps(settings, indent=2)))
         return folder
 
     def resume(self, folder: str | Path) -> None:
+        """Continue from :meth:`save`'s files. A pickled ``trainer_state.pt`` of older versions is
+        refused without being read: unpickling can run code."""
         folder = Path(folder)
-        load_named_weights(self.model, folder / "dms_weights.safetensors", what="folder")
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        self.opt.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.step_count = state["step"]
+        if not (folder / STATE_JSON).is_file() and (folder / LEGACY_STATE).is_file():
+            raise V.UserError(f"{folder / LEGACY_STATE}: a trainer state in the old pickle format, not read (unpickling "
+                              f"can run code); start again with --overwrite, or from its weights with --init-from")
+        state = read_json(folder / STATE_JSON)
+        if state.get("format") != STATE_FORMAT:
+            raise V.UserError(f"{folder / STATE_JSON}: expected format {STATE_FORMAT!r}, got {state.get('format')!r}")
+        step = state.get("step")
+        V.integer(f"{folder / STATE_JSON}: step", step, 0)
+        with open_safetensors(folder / STATE_TENSORS) as f:
+            tensors = {n: read_tensor(f, folder / STATE_TENSORS, n) for n in f.keys()}
+            tensor_step = (f.metadata() or {}).get("step")
+        with open_safetensors(folder / WEIGHTS) as f:
+            weights_step = (f.metadata() or {}).get("step")
+        if tensor_step != str(step) or weights_step != str(step):
+            raise V.UserError(f"{folder}: {STATE_JSON} is at step {step}, {STATE_TENSORS} at {tensor_step} and {WEIGHTS} "
+                              f"at {weights_step}; the checkpoint is inconsistent (an interrupted save?)")
+        opt_state = _unflatten_optimizer(state.get("optimizer"), tensors, folder / STATE_JSON)
+        groups = self.opt.param_groups
+        if [len(g["params"]) for g in opt_state["param_groups"]] != [len(g["params"]) for g in groups]:
+            raise V.UserError(f"{folder}: the trainer state was saved for other trainable parameters "
+                              f"(trainable={self.config.trainable!r}?)")
+        for i, p in enumerate(self.params):
+            for k, v in opt_state["state"].get(i, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                    raise V.UserError(f"{folder / STATE_TENSORS}: optimizer.{i}.{k} has shape {tuple(v.shape)}, "
+                                      f"the parameter's is {tuple(p.shape)}")
+        generator = tensors.get("generator")
+        if generator is None or generator.dtype != torch.uint8:
+            raise V.UserError(f"{folder / STATE_TENSORS}: no uint8 'generator' tensor (the RNG state)")
+        load_named_weights(self.model, folder / WEIGHTS, what="folder")
+        self.opt.load_state_dict(opt_state)
+        try:
+            self.generator.set_state(generator)
+        except RuntimeError as e:
+            raise V.UserError(f"{folder / STATE_TENSORS}: 'generator' is not a CPU RNG state ({e})") from None
+        self.step_count = step
+
+
+WEIGHTS = "dms_weights.safetensors"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+LEGACY_STATE = "trainer_state.pt"
+STATE_FORMAT = "dms-trainer-state/1"
+
+
+def has_state(folder: str | Path) -> bool:
+    """Whether a folder holds a trainer state to resume (a legacy pickled one counts: resume refuses it)."""
+    folder = Path(folder)
+    return (folder / STATE_JSON).is_file() or (folder / LEGACY_STATE).is_file()
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict -> its tensors (``optimizer.<param>.<key>``) and a JSON-able rest."""
+    tensors, state = {}, {}
+    for pid, entry in sd["state"].items():
+        meta = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{pid}.{k}"] = v.detach().contiguous().cpu()
+                meta[k] = {"tensor": f"optimizer.{pid}.{k}"}
+            else:
+                meta[k] = {"value": v}
+        state[str(pid)] = meta
+    return tensors, {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(meta, tensors: dict[str, torch.Tensor], where: Path) -> dict:
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
+            or not isinstance(meta.get("state"), dict):
+        raise V.UserError(f"{where}: 'optimizer' should hold 'state' and 'param_groups'")
+    state = {}
+    for pid, entry in meta["state"].items():
+        if not pid.isdigit() or not isinstance(entry, dict):
+            raise V.UserError(f"{where}: optimizer state entry {pid!r} is malformed")
+        out = {}
+        for k, v in entry.items():
+            if isinstance(v, dict) and "tensor" in v:
+                if v["tensor"] not in tensors:
+                    raise V.UserError(f"{where}: optimizer tensor {v['tensor']!r} is missing from {STATE_TENSORS}")
+                out[k] = tensors[v["tensor"]]
+            elif isinstance(v, dict) and "value" in v:
+                out[k] = v["value"]
+            else:
+                raise V.UserError(f"{where}: optimizer state {pid}.{k} is malformed")
+        state[int(pid)] = out
+    groups = []
+    for g in meta["param_groups"]:
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise V.UserError(f"{where}: an optimizer param group is malformed")
+        # JSON turned tuples (betas) into lists
+        groups.append({k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()})
+    return {"state": state, "param_groups": groups}
