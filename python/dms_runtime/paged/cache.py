@@ -123,7 +123,8 @@ class PagedKVCache:
             raise ValueError(f"num_pages: the pool would hold {pages} pages; give more kv_memory_bytes")
         self.P = int(pages)
         dev = self.device
-        V.check_allocation("PagedKVCache", self.nbytes(), dev)
+        V.check_allocation(f"paged cache (num_pages={self.P}, page_size={self.ps}, max_seqs={self.max_seqs}, "
+                           f"max_model_len={max_model_len})", self.nbytes(), dev)
         self.k_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
         self.v_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
         self.page_ref = torch.zeros(self.P, dtype=torch.int32, device=dev)
