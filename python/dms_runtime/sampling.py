@@ -40,6 +40,8 @@ class SamplingParams:
         self.top_p = V.number("top_p", self.top_p, 0, 1, lo_open=True)
         self.seed = V.seed("seed", self.seed)
         self.stop = V.strings("stop", self.stop)
+        if isinstance(self.stop_token_ids, (set, frozenset)):
+            self.stop_token_ids = list(self.stop_token_ids)
         self.stop_token_ids = V.token_ids("stop_token_ids", self.stop_token_ids, empty_ok=True)
         V.boolean("ignore_eos", self.ignore_eos)
 
