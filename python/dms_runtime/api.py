@@ -104,7 +104,11 @@ def load(
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for a broken file
+            text = " ".join(str(e).split())
+            raise V.UserError(f"{path}: the tokenizer cannot be loaded ({type(e).__name__}: {text})") from None
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), path=path, embedded=embedded)
 
 

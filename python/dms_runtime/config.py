@@ -130,6 +130,18 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dms: DMSConfig | None = None
 
+    def __post_init__(self):
+        hf_names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                    "num_kv_heads": "num_key_value_heads"}  # the config.json keys
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            setattr(self, name, V.integer(hf_names.get(name, name), getattr(self, name), 1))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        self.rms_norm_eps = V.number("rms_norm_eps", self.rms_norm_eps, 0, lo_open=True)
+        self.rope_theta = V.number("rope_theta", self.rope_theta, 0, lo_open=True)
+
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads

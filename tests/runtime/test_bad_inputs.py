@@ -241,6 +241,10 @@ LOADERS = [
     (_config_dms(dms_window_size="256"), r"config.json: dms_window_size"),
     (_config_dms(dms_alpha_scale=math.nan), r"config.json: dms_alpha_scale"),
     (_config_dms(dms_disable_eviction="no"), r"config.json: dms_disable_eviction"),
+    (_config_dms(hidden_size="64"), r"config.json: .*hidden_size"),
+    (_config_dms(num_attention_heads=0), r"config.json: "),
+    (_config_dms(num_hidden_layers=-1), r"config.json: num_hidden_layers: expected an int >= 1"),
+    (_config_dms(rms_norm_eps=-1.0), r"config.json: rms_norm_eps"),
     (_garbage_safetensors, r"model.safetensors: not a readable safetensors file"),
     (_truncated_safetensors, r"model.safetensors: (not a readable safetensors file|tensor .* cannot be read)"),
     (_broken_index, r"model.safetensors.index.json: invalid JSON"),
@@ -382,3 +386,10 @@ def test_the_console_script_prints_no_traceback(folder, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "config.json: invalid JSON" in run.stderr
+
+
+def test_a_broken_tokenizer_is_named(tiny_with_tokenizer, tmp_path, still_good):
+    d = _copy(tiny_with_tokenizer, tmp_path / "t")
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')
+    with pytest.raises(ValueError, match="the tokenizer cannot be loaded"):
+        dr.load(d)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+try:  # what transformers' typed configs raise for a wrong-typed field
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: the configs are not typed
+    StrictDataclassError = ValueError
+
 from ..config import DMSConfig, ModelConfig
+from .. import validation as V
+from ..validation import UserError
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,14 @@ def hf_config_object(raw: dict[str, Any], adapter: ArchAdapter):
 
 
 def model_config_from_hf(raw: dict[str, Any], dms: DMSConfig | None = None, where: str = "config.json") -> ModelConfig:
+    try:
+        return _model_config_from_hf(raw, dms, where)
+    except (ValueError, TypeError, ArithmeticError, StrictDataclassError) as e:  # a wrong value in the file
+        text = " ".join(str(e).split())
+        raise UserError(text if text.startswith(where) else f"{where}: {text}") from None
+
+
+def _model_config_from_hf(raw: dict[str, Any], dms: DMSConfig | None, where: str) -> ModelConfig:
     adapter = adapter_for(raw, where)
     hf = hf_config_object(raw, adapter)
     if getattr(hf, "hidden_act", "silu") != "silu":
@@ -84,8 +99,8 @@ def model_config_from_hf(raw: dict[str, Any], dms: DMSConfig | None = None, wher
     if getattr(hf, "use_sliding_window", False):
         raise ValueError(f"{where}: use_sliding_window=true is not supported")
     theta, scaling = _rope(raw, hf)
-    heads = hf.num_attention_heads
-    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    heads = V.integer("num_attention_heads", hf.num_attention_heads, 1)
+    kv_heads = V.integer("num_key_value_heads", getattr(hf, "num_key_value_heads", None) or heads, 1)
     if heads % kv_heads:
         raise ValueError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
