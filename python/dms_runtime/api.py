@@ -207,6 +207,8 @@ def generate(
     elif not isinstance(params, SamplingParams):
         raise V.SettingTypeError(f"params: expected a SamplingParams (or sampling keywords), got {type(params).__name__}")
     params.validate()  # also when a field was changed after creation
+    if model.config.dms is not None:
+        model.config.dms.validate()  # the DMS settings, too (both backends read them)
     n = V.integer("n", n, 1, V.MAX_SAMPLES)
     if paged is not None and not isinstance(paged, PagedConfig):
         raise V.SettingTypeError(f"paged: expected a PagedConfig, got {type(paged).__name__}")

@@ -116,3 +116,28 @@ def test_abort_frees_pages_and_the_others_finish(lm, when):
         assert all(engine.outputs[i].finish_reason == "length" for i in victim if i != target)
     assert engine.cache.pages_in_use == 0
     engine.cache.check_invariants()
+
+
+class FailsOnLongText:
+    """A tokenizer whose decode fails once a request has ``limit`` tokens."""
+
+    eos_token_id = None
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def decode(self, ids, skip_special_tokens=True):
+        if len(ids) >= self.limit:
+            raise RuntimeError("cannot decode")
+        return " ".join(map(str, ids))
+
+
+def test_a_failing_decode_ends_its_request_only(lm):
+    engine = Engine(lm.model, PagedConfig(page_size=4, max_seqs=4), tokenizer=FailsOnLongText(4))
+    short = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
+    long = engine.add_request([4, 5, 6], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    engine.run()
+    assert engine.outputs[short].finish_reason == "length" and engine.outputs[short].text
+    assert engine.outputs[long].finish_reason == "error" and "cannot decode" in str(engine.outputs[long].error)
+    assert engine.cache.pages_in_use == 0
+    engine.cache.check_invariants()

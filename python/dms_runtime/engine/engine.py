@@ -204,11 +204,15 @@ class Engine:
 
     def _finish(self, req: Request, reason: str, error: Exception | None = None) -> StepOutput:
         """Record the output, free the request's pages and slot, and report it finished."""
+        try:
+            text = req.stops.text(req.generated)
+        except Exception as exc:  # a tokenizer that cannot decode ends this request, not the step
+            text, reason, error = None, "error", error or exc
         req.finish_reason = reason
         req.live_tokens = self.cache.live_tokens(req.slot).tolist() if req.slot is not None else None
         self.scheduler.finish(req)
         self.outputs[req.id] = RequestOutput(
-            prompt_token_ids=req.prompt_ids, token_ids=req.generated, text=req.stops.text(req.generated),
+            prompt_token_ids=req.prompt_ids, token_ids=req.generated, text=text,
             finish_reason=reason, live_tokens=req.live_tokens, error=error)
         return StepOutput(req.id, None if reason in ("abort", "error") else req.tokens[-1], True, reason)
 
