@@ -310,7 +310,7 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
                 "eviction": server.eviction, "window": server.window}
 
     async def _collect(request: Request, sub: Submission, req, prompts, meta, chat: bool):
-        counts, finals, reasons = [0] * sub.size, [None] * sub.size, [None] * sub.size
+        tokens, finals, reasons = [[] for _ in range(sub.size)], [None] * sub.size, [None] * sub.size
         live = dense = 0
         left, error = sub.size, None
         try:
@@ -322,7 +322,7 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
                         return Response(status_code=499)
                     continue
                 if ev.token is not None:
-                    counts[ev.index] += 1
+                    tokens[ev.index].append(ev.token)
                 if ev.finished:
                     left -= 1
                     finals[ev.index], reasons[ev.index] = ev.text, P.finish_reason(ev.finish_reason)
@@ -339,8 +339,11 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
         else:
             choices = [{"index": i, "text": finals[i], "logprobs": None, "finish_reason": reasons[i]}
                        for i in range(sub.size)]
+        if req.return_token_ids:
+            for c, ids in zip(choices, tokens):
+                c["token_ids"] = ids
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": P.usage(sum(map(len, prompts)), sum(counts)), "dms": _dms(live, dense)}
+                "usage": P.usage(sum(map(len, prompts)), sum(map(len, tokens))), "dms": _dms(live, dense)}
 
     async def _stream(sub: Submission, req, prompts, meta, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -349,12 +352,14 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
         live = dense = 0
         left = sub.size
 
-        def chunk(i, piece, reason=None, extra=None):
+        def chunk(i, piece, token, reason=None, extra=None):
             if chat:
                 choice = {"index": i, "delta": {"content": piece} if piece or reason is None else {},
                           "logprobs": None, "finish_reason": reason}
             else:
                 choice = {"index": i, "text": piece, "logprobs": None, "finish_reason": reason}
+            if req.return_token_ids:
+                choice["token_ids"] = [] if token is None else [token]
             out = {**meta, "object": obj, "choices": [choice]}
             if req.include_usage:
                 out["usage"] = None
@@ -378,8 +383,8 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
                     counts[i] += 1
                     piece = texts[i].push(ev.token)
                 if not ev.finished:
-                    if piece:
-                        yield chunk(i, piece)
+                    if piece or req.return_token_ids:
+                        yield chunk(i, piece, ev.token)
                     continue
                 left -= 1
                 if ev.error is not None:
@@ -388,7 +393,7 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
                     continue
                 piece += texts[i].finish(ev.text)
                 live, dense = live + ev.live_tokens, dense + ev.dense_tokens
-                yield chunk(i, piece, P.finish_reason(ev.finish_reason),
+                yield chunk(i, piece, ev.token, P.finish_reason(ev.finish_reason),
                             {"dms": _dms(ev.live_tokens, ev.dense_tokens)})
             if req.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": P.usage(sum(map(len, prompts)), sum(counts)),

@@ -116,7 +116,8 @@ TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 class _Sampling(_Strict):
-    """The sampling fields both endpoints share. ``top_k`` and ``ignore_eos`` are extensions."""
+    """The sampling fields both endpoints share. ``top_k``, ``ignore_eos`` and ``return_token_ids``
+    are extensions."""
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -130,6 +131,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # extension: the generated token ids in each choice (and stream chunk)
     user: str | None = None
     # accepted only at their neutral values: we do not implement them
     frequency_penalty: float | None = None
