@@ -1,4 +1,4 @@
-"""``dms`` command line: ``dms generate``."""
+"""``dms`` command line: ``dms generate`` (and ``retrofit``, ``eval``, ``serve`` from their packages)."""
 
 from __future__ import annotations
 
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     retrofit_cli.add_parser(sub)
     retrofit_cli.add_eval_parser(sub)
+    from .serve import cli as serve_cli
+
+    serve_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return retrofit_cli.run(args)
         if args.command == "eval":
             return retrofit_cli.run_eval(args)
+        if args.command == "serve":
+            return serve_cli.run(args)
     except USER_ERRORS as e:
         print(f"dms {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2

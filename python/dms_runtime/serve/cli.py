@@ -1,0 +1,53 @@
+"""``dms serve``: load a model, build the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"embedded name, model folder or .gguf file (default {DEFAULT_MODEL}); also the model id clients send")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences in the running batch at most")
+    p.add_argument("--kv-memory", type=int, default=None, metavar="BYTES",
+                   help="bytes of the KV page pool (default: the engine's, at most 1 GiB)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="sequences that may wait beyond the running ones; more get 503 with Retry-After")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + max_tokens (default: the model's context)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DMS_API_KEY)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args) -> int:
+    import uvicorn
+
+    import dms_runtime as dr
+
+    from .app import ServeConfig, create_app
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port: expected an int in [1, 65535], got {args.port}")
+    key = args.api_key if args.api_key is not None else (os.environ.get("DMS_API_KEY") or None)
+    cfg = ServeConfig(model_name=args.model, max_seqs=args.max_seqs, kv_memory_bytes=args.kv_memory,
+                      page_size=args.page_size, max_model_len=args.max_model_len, api_key=key,
+                      max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+    lm = dr.load(args.model, dtype=args.dtype, device=args.device)
+    app = create_app(lm, cfg)
+    server = app.state.server
+    cache = server.engine.cache
+    mode = f"DMS eviction on (window {server.window})" if server.eviction else "eviction off (vanilla)"
+    print(f"dms serve: {args.model} ({mode}) on http://{args.host}:{args.port}/v1 | pool {cache.P} pages of "
+          f"{cache.ps} tokens ({cache.P * cache.ps * cache.token_bytes / 2**20:.1f} MiB), max_seqs {cache.max_seqs}, "
+          f"longest request {server.fit} tokens{' | API key required' if key else ''}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
