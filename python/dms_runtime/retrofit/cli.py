@@ -60,6 +60,7 @@ def add_parser(sub) -> None:
 
 def add_eval_parser(sub) -> None:
     from .policies import POLICIES
+    from .retrieval import TASKS
 
     p = sub.add_parser("eval", help="fidelity to the vanilla model and achieved compression, per length; "
                                     "heuristic eviction policies at the same KV budget")
@@ -72,8 +73,19 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--policy", nargs="+", default=[], choices=POLICIES,
                    help="baselines run at each DMS model's peak KV budget: streaming (StreamingLLM), tova, h2o, "
                         "quest; their passkey accuracy is teacher-forced, like vanilla's and DMS's next to them")
+    p.add_argument("--retrieval", nargs="+", default=[], choices=TASKS,
+                   help="retrieval tasks scored by greedy generation (passkey, multikey, multivalue, vartrack): "
+                        "vanilla first; where it scores below --calibration-threshold the task is uninformative "
+                        "at that length and skipped; else DMS and each --policy at DMS's budget on the same cases")
+    p.add_argument("--retrieval-cases", type=cli_int(1, 10_000), default=20, help="seeded cases per (task, length)")
+    p.add_argument("--retrieval-seed", type=cli_int(0, MAX_SEED), default=0)
+    p.add_argument("--calibration-threshold", type=cli_float(0.0, 1.0), default=0.8,
+                   help="vanilla accuracy below which a (task, length) is reported as uninformative")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only vanilla on the --retrieval cases (the model may be a vanilla one); no fidelity")
     p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None)
-    p.add_argument("--plot", default=None, help="write quality vs KV memory / KV reads to this PNG")
+    p.add_argument("--plot", default=None, help="write KL, greedy agreement and retrieval accuracy against "
+                                                "KV memory held and KV tokens read to this PNG")
     p.add_argument("--json", action="store_true")
 
 
@@ -81,45 +93,55 @@ _MARKERS = {"vanilla": "s", "dms": "o", "streaming": "v", "tova": "^", "h2o": "D
 
 
 def plot_pareto(rows, path) -> None:
-    """Quality against the two KV budgets (memory held, tokens read): one series per method and
-    model, one point per length. Top: KL to the vanilla model; bottom: passkey accuracy, if measured."""
+    """Quality against the two KV budgets (memory held, tokens read). Rows: KL to the vanilla model,
+    greedy agreement, and retrieval accuracy (by generation, over the tasks where vanilla is
+    informative; teacher-forced passkey accuracy when only that was measured). One curve per method
+    and length through its points for each model (CR 2 / 4 / 8 ...: DMS, and the policies at its budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_acc = any(r.passkey_accuracy is not None for r in rows)
-    fig, axes = plt.subplots(2 if with_acc else 1, 2, figsize=(11, 8 if with_acc else 4), sharex=True, squeeze=False)
-    series: dict[str, list] = {}
+    acc_key = ("retrieval_accuracy" if any(r.retrieval_accuracy is not None for r in rows) else
+               "passkey_accuracy" if any(r.passkey_accuracy is not None for r in rows) else None)
+    metrics = [("kl_per_token", "KL(method || vanilla) per token"), ("greedy_agreement", "greedy agreement")]
+    if acc_key:
+        metrics.append((acc_key, "retrieval accuracy (generation)" if acc_key == "retrieval_accuracy"
+                        else "passkey accuracy (teacher-forced)"))
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 3.6 * len(metrics)), sharex=True, squeeze=False)
+    series: dict[tuple, list] = {}
     for r in rows:
-        name = "vanilla" if r.method == "vanilla" else (f"DMS {r.model}" if r.method == "dms" else f"{r.method} @ {r.model}")
-        series.setdefault(name, []).append(r)
+        series.setdefault((r.method, r.length), []).append(r)
+    methods = list(dict.fromkeys(r.method for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
     for col, key, title in ((0, "held_fraction", "KV memory held (peak, fraction of dense)"),
                             (1, "read_fraction", "KV tokens read (fraction of dense)")):
-        for row, metric, ylabel in ((0, "kl_per_token", "KL(method || vanilla) per token"),
-                                    (1, "passkey_accuracy", "passkey accuracy (teacher-forced)"))[: 1 + with_acc]:
+        for row, (metric, ylabel) in enumerate(metrics):
             ax = axes[row][col]
-            for name, rs in series.items():
-                rs = [r for r in rs if getattr(r, metric) is not None]
+            labelled = set()
+            for (method, length), rs in series.items():
+                rs = sorted((r for r in rs if getattr(r, metric) is not None), key=lambda r: getattr(r, key))
                 if not rs:
                     continue
+                name = {"vanilla": "vanilla", "dms": "DMS"}.get(method, method)
                 xs, ys = [getattr(r, key) for r in rs], [getattr(r, metric) for r in rs]
-                ax.plot(xs, ys, marker=_MARKERS.get(rs[0].method, "x"), linestyle="-" if rs[0].method == "dms" else ":",
-                        label=name)
+                ax.plot(xs, ys, marker=_MARKERS.get(method, "x"), color=colors[method],
+                        linestyle="-" if method == "dms" else ":", label=None if method in labelled else name)
+                labelled.add(method)
                 for r, x, y in zip(rs, xs, ys):
                     ax.annotate(f"{r.length // 1024}K" if r.length >= 1024 else str(r.length), (x, y),
                                 textcoords="offset points", xytext=(3, 3), fontsize=7)
             ax.set_xlim(0, 1.05)
             ax.grid(alpha=0.3)
             ax.set_ylabel(ylabel)
-            if row == (1 if with_acc else 0):
+            if row == len(metrics) - 1:
                 ax.set_xlabel(title)
-    if axes[0][0].get_yaxis().get_scale() == "linear" and any(r.kl_per_token > 0 for r in rows):
+    if any(r.kl_per_token > 0 for r in rows):
         for ax in axes[0]:
             ax.set_yscale("symlog", linthresh=1e-3)
             ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Quality vs KV budget (points: context length)")
+    fig.suptitle("Quality vs KV budget (a curve per method and length through the models' budgets; labels: length)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -129,33 +151,55 @@ def _label(name: str) -> str:
     return Path(name).name if os.sep in name else name
 
 
+def _base(lm) -> str:
+    """What models sharing vanilla logits and retrieval cases have in common: the base weights."""
+    return str(lm.path if lm.embedded is None else lm.embedded.name)
+
+
 def run_eval(args) -> int:
     import json
 
     import dms_runtime as dr
 
-    from .evaluate import (MethodRow, compare_methods, fidelity, heldout_sequences, passkey_accuracy,
-                           vanilla_logits, vartrack_accuracy)
+    from .evaluate import (MethodRow, RetrievalSuite, compare_methods, fidelity, heldout_sequences,
+                           mean_informative, passkey_accuracy, vanilla_logits, vartrack_accuracy)
 
-    fid_rows, method_rows = [], []
+    if args.calibrate and not args.retrieval:
+        raise ValueError("--calibrate: give the tasks with --retrieval")
+    if args.retrieval_cases < 1:
+        raise ValueError(f"--retrieval-cases: expected >= 1, got {args.retrieval_cases}")
+    suite = (RetrievalSuite(args.retrieval, args.retrieval_cases, args.retrieval_seed, args.calibration_threshold)
+             if args.retrieval else None)
+    fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
     models = [(name, dr.load(name, dms={"dms_window_size": args.dms_window} if args.dms_window else None))
               for name in args.model]
     for n in args.lengths:
         for name, lm in models:
-            key = (str(lm.path if lm.embedded is None else lm.embedded.name), n)
+            if args.calibrate:
+                ret_rows += suite.run(lm, n, _label(name), _base(lm), dms=False)
+                continue
+            key = (_base(lm), n)
             if key not in vanilla:
                 vanilla.clear()  # keep one set: 8K tokens of logits are 1.6 GB
                 vanilla[key] = vanilla_logits(lm, heldout_sequences(lm, n, args.sequences))
             if args.policy:
                 row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, _label(name),
                                             vanilla=vanilla[key])
-                method_rows += [r for r in rows if r.method != "vanilla" or name == args.model[0]]
+                new_rows = [r for r in rows if r.method != "vanilla" or name == args.model[0]]
             else:
                 row = fidelity(lm, n, args.sequences, vanilla=vanilla[key])
-                method_rows += [MethodRow("vanilla", _label(name), n, None, 0.0, 1.0, 1.0, 1.0),
-                                MethodRow("dms", _label(name), n, None, row.kl_per_token, row.greedy_agreement,
-                                          row.peak_live_fraction, row.read_fraction)]
+                new_rows = [MethodRow("vanilla", _label(name), n, None, 0.0, 1.0, 1.0, 1.0),
+                            MethodRow("dms", _label(name), n, None, row.kl_per_token, row.greedy_agreement,
+                                      row.peak_live_fraction, row.read_fraction)]
+                if name != args.model[0]:
+                    new_rows = new_rows[1:]
+            if suite is not None:
+                ret_rows += suite.run(lm, n, _label(name), _base(lm), policies=args.policy,
+                                      budget_fraction=row.peak_live_fraction)
+                for r in new_rows:
+                    r.retrieval_accuracy = mean_informative(ret_rows, r.method, r.model, n)
+            method_rows += new_rows
             if args.passkey_trials and args.policy:  # already measured, teacher-forced, next to the policies
                 row.passkey_accuracy_vanilla, row.passkey_accuracy_dms = (r.passkey_accuracy for r in rows[:2])
             elif args.passkey_trials:
@@ -163,13 +207,15 @@ def run_eval(args) -> int:
             if args.vartrack_trials:
                 row.vartrack_accuracy_dms, row.vartrack_accuracy_vanilla = vartrack_accuracy(lm, n, args.vartrack_trials)
             fid_rows.append({"model": _label(name), **row.to_dict()})
-    if args.plot:
+    if args.plot and method_rows:
         plot_pareto(method_rows, args.plot)
     if args.json:
-        print(json.dumps({"fidelity": fid_rows, "methods": [r.to_dict() for r in method_rows]}, indent=2))
+        print(json.dumps({"fidelity": fid_rows, "methods": [r.to_dict() for r in method_rows],
+                          "retrieval": [r.to_dict() for r in ret_rows]}, indent=2))
         return 0
-    print(f"{'model':>28} | {'length':>6} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | {'CR':>6} | "
-          f"{'peak held':>9} | {'KV read':>7} | passkey dms / vanilla | vartrack dms / vanilla")
+    if fid_rows:
+        print(f"{'model':>28} | {'length':>6} | {'KL/token':>9} | {'greedy agree':>12} | {'live/total':>10} | "
+              f"{'CR':>6} | {'peak held':>9} | {'KV read':>7} | passkey dms / vanilla | vartrack dms / vanilla")
     for r in fid_rows:
         pk = (f"{r['passkey_accuracy_dms']:.2f} / {r['passkey_accuracy_vanilla']:.2f}"
               if r["passkey_accuracy_dms"] is not None else "-")
@@ -178,15 +224,28 @@ def run_eval(args) -> int:
         print(f"{r['model']:>28} | {r['length']:>6} | {r['kl_per_token']:>9.5f} | {r['greedy_agreement']:>12.3f} | "
               f"{r['live_fraction']:>10.3f} | {r['compression_ratio']:>6.2f} | {r['peak_live_fraction']:>9.3f} | "
               f"{r['read_fraction']:>7.3f} | {pk} | {vt}")
-    if args.policy:
+    if args.policy or (suite is not None and method_rows):
         print()
         print(f"{'method':>10} | {'model':>28} | {'length':>6} | {'budget':>6} | {'KL/token':>9} | {'greedy agree':>12} | "
-              f"{'peak held':>9} | {'KV read':>7} | passkey (forced)")
+              f"{'peak held':>9} | {'KV read':>7} | passkey (forced) | retrieval (generation, informative tasks)")
         for r in method_rows:
             acc = "-" if r.passkey_accuracy is None else f"{r.passkey_accuracy:.2f}"
+            ret = "-" if r.retrieval_accuracy is None else f"{r.retrieval_accuracy:.2f}"
             print(f"{r.method:>10} | {r.model:>28} | {r.length:>6} | {r.budget if r.budget else '-':>6} | "
                   f"{r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.held_fraction:>9.3f} | "
-                  f"{r.read_fraction:>7.3f} | {acc}")
+                  f"{r.read_fraction:>7.3f} | {acc:>16} | {ret}")
+    if ret_rows:
+        print()
+        print(f"retrieval by greedy generation ({args.retrieval_cases} cases per point; uninformative: vanilla "
+              f"< {args.calibration_threshold:.0%}, not compared)")
+        print(f"{'method':>10} | {'model':>28} | {'task':>10} | {'length':>6} | {'accuracy':>8} | {'vanilla':>7} | "
+              f"{'KV budget':>9} | note")
+        for r in ret_rows:
+            acc = "-" if r.accuracy is None else f"{r.accuracy:.2f}"
+            bud = "-" if r.budget_fraction is None or r.method == "vanilla" else f"{r.budget_fraction:.3f}"
+            note = "" if r.informative else "uninformative"
+            print(f"{r.method:>10} | {r.model:>28} | {r.task:>10} | {r.length:>6} | {acc:>8} | "
+                  f"{r.vanilla_accuracy:>7.2f} | {bud:>9} | {note}")
     return 0
 
 

@@ -7,6 +7,11 @@ cache must hold, semantics §3). Passkey retrieval accuracy through generate().
 :func:`compare_methods` puts vanilla, DMS and the heuristic policies of :mod:`.policies` side by
 side at the KV budget DMS reached (its peak tokens held), on the same held-out texts, with needle
 accuracy scored teacher-forced (every answer token must be the greedy prediction) for all of them.
+
+:func:`retrieval_suite` scores the calibrated retrieval tasks of :mod:`.retrieval` by greedy generation:
+vanilla and DMS through the paged runtime (``dms_runtime.generate``), the policies through
+:func:`.policies.policy_generate` at DMS's budget; vanilla first, and only the (task, length) points
+where vanilla is informative are run for the others.
 """
 
 from __future__ import annotations
@@ -165,6 +170,7 @@ class MethodRow:
     held_fraction: float  # the most KV tokens held at any step / a dense cache at the end
     read_fraction: float  # K/V tokens read by all queries / dense
     passkey_accuracy: float | None = None  # teacher-forced exact answers
+    retrieval_accuracy: float | None = None  # greedy generation, mean over the tasks where vanilla is informative
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,3 +232,92 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
         rows.append(MethodRow(policy, label, length, budget, sum(kls) / len(kls), sum(agree) / len(agree), held,
                               reads, accuracy(lambda: PolicyAttention(policy, budget), evict=False)))
     return dms_row, rows
+
+
+# ---------------------------------------------------------------------------- retrieval by generation
+
+
+@dataclass(slots=True)
+class RetrievalRow:
+    """One method on one retrieval task at one length, scored by greedy generation."""
+
+    method: str  # "vanilla", "dms" or a policy name
+    model: str
+    task: str
+    length: int
+    cases: int
+    accuracy: float | None  # None: not run (vanilla is not informative there)
+    vanilla_accuracy: float
+    informative: bool  # vanilla_accuracy >= the calibration threshold
+    budget_fraction: float | None = None  # a policy's KV tokens per layer and head / the prompt length
+    held_fraction: float | None = None  # the most KV tokens held, over the cases' mean, / dense
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RetrievalSuite:
+    """The seeded cases of each (task, length), and vanilla's accuracy on them, measured once per
+    base model and shared by the DMS models and policies compared on it."""
+
+    def __init__(self, tasks, cases: int = 20, seed: int = 0, threshold: float = 0.8):
+        from .retrieval import TASKS
+
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise ValueError(f"tasks: expected some of {TASKS}, got {list(tasks)!r}")
+        if cases < 1:
+            raise ValueError(f"cases: expected >= 1 per (task, length), got {cases}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold: expected a fraction in [0, 1], got {threshold!r}")
+        self.tasks, self.n, self.seed, self.threshold = list(tasks), cases, seed, threshold
+        self._cases: dict = {}
+        self.vanilla: dict = {}  # (base, task, length) -> accuracy
+
+    def cases(self, tokenizer, base: str, task: str, length: int):
+        """The cases of (task, length) for models on ``base`` (built once, with its tokenizer)."""
+        from .retrieval import make_cases
+
+        key = (base, task, length)
+        if key not in self._cases:
+            self._cases[key] = make_cases(tokenizer, task, length, self.n, self.seed)
+        return self._cases[key]
+
+    def run(self, lm, length: int, label: str, base: str, policies=(), budget_fraction: float | None = None,
+            dms: bool = True) -> list[RetrievalRow]:
+        """Vanilla (once per base, eviction off), then DMS (``dms``) and each policy at
+        ``budget_fraction`` of the prompt, on the tasks where vanilla is informative at ``length``."""
+        from .retrieval import accuracy, generate_answers, policy_answers
+
+        if lm.tokenizer is None:
+            raise ValueError(f"model: {label!r} has no tokenizer; the retrieval tasks need one")
+        if policies and budget_fraction is None:
+            raise ValueError("budget_fraction: the policies need DMS's budget")
+        rows = []
+        for task in self.tasks:
+            cases = self.cases(lm.tokenizer, base, task, length)
+            vkey = (base, task, length)
+            first = vkey not in self.vanilla
+            if first:
+                self.vanilla[vkey] = accuracy(cases, generate_answers(lm, cases, evict=False))
+            van = self.vanilla[vkey]
+            ok = van >= self.threshold
+            if first:
+                rows.append(RetrievalRow("vanilla", label, task, length, len(cases), van, van, ok, 1.0, 1.0))
+            if dms:
+                acc = accuracy(cases, generate_answers(lm, cases, evict=True)) if ok else None
+                rows.append(RetrievalRow("dms", label, task, length, len(cases), acc, van, ok))
+            for policy in policies:
+                acc = held = None
+                if ok:
+                    texts, helds = policy_answers(lm, cases, policy, budget_fraction)
+                    acc, held = accuracy(cases, texts), sum(helds) / len(helds)
+                rows.append(RetrievalRow(policy, label, task, length, len(cases), acc, van, ok, budget_fraction, held))
+        return rows
+
+
+def mean_informative(rows: list[RetrievalRow], method: str, model: str, length: int) -> float | None:
+    """A method's mean accuracy over the tasks where vanilla is informative at ``length``."""
+    accs = [r.accuracy for r in rows if r.method == method and r.length == length and r.informative
+            and r.accuracy is not None and (r.model == model or method == "vanilla")]
+    return sum(accs) / len(accs) if accs else None

@@ -42,28 +42,31 @@ def streaming_mask(t: int, budget: int, sinks: int = 4, device=None) -> torch.Te
     return (j <= i) & ((j < sinks) | (i - j < budget - sinks))
 
 
-def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, rows: int = 256) -> torch.Tensor:
+def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, rows: int = 256,
+                  state: bool = False):
     """TOVA or H2O, simulated token by token. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``.
 
     The scores of ``rows`` queries at a time are exponentiated once (shifted by their row maximum);
-    each step then renormalises one row over the keys still alive.
+    each step then renormalises one row over the keys still alive. ``state``: also return the cache
+    after the last query, ``(alive [Hkv, T], acc [Hkv, T] or None)``, for :func:`evicting_step`.
     """
     hkv, _, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     q, k = q.float(), k.float()
     mask = torch.ones((t, t), dtype=torch.bool, device=q.device).tril().expand(hkv, t, t).clone()
-    if t <= budget:
-        return mask
+    n0 = min(t, budget)
     alive = torch.zeros((hkv, t), dtype=torch.bool, device=q.device)
-    alive[:, :budget] = True
+    alive[:, :n0] = True
     acc = None
     if policy == "h2o":
         # attention accumulated by the queries before the first eviction: plain causal softmax
-        s = torch.einsum("hgid,hjd->hgij", q[:, :, :budget], k[:, :budget]) * scale
-        s = s.masked_fill(~mask[:, None, :budget, :budget], float("-inf"))
+        s = torch.einsum("hgid,hjd->hgij", q[:, :, :n0], k[:, :n0]) * scale
+        s = s.masked_fill(~mask[:, None, :n0, :n0], float("-inf"))
         acc = torch.zeros((hkv, t), dtype=torch.float32, device=q.device)
-        acc[:, :budget] = torch.softmax(s, -1).mean(1).sum(1)
+        acc[:, :n0] = torch.softmax(s, -1).mean(1).sum(1)
         recent = budget // 2
+    if t <= budget:
+        return (mask, alive, acc) if state else mask
     cols = torch.arange(t, device=q.device)
     heads = torch.arange(hkv, device=q.device)
     for c in range(budget, t, rows):
@@ -84,7 +87,37 @@ def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, ro
                 evictable = alive[:, : i + 1] & (cols[: i + 1] <= i - recent)
                 score = acc[:, : i + 1].masked_fill(~evictable, float("inf"))
             alive[heads, score.argmin(-1)] = False
-    return mask
+    return (mask, alive, acc) if state else mask
+
+
+def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, alive: torch.Tensor, acc: torch.Tensor | None,
+                  budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One decoded query of TOVA or H2O, the same rule as one row of :func:`evicting_mask`.
+
+    q ``[Hkv, G, D]`` at position ``i = k.shape[1] - 1``; k ``[Hkv, i + 1, D]`` (the query's own key
+    last); alive ``[Hkv, i]`` and acc (H2O) ``[Hkv, i]``: the cache before it. Returns the keys the
+    query reads ``[Hkv, i + 1]`` and the cache after its eviction (alive, acc of length ``i + 1``).
+    """
+    hkv, _, d = q.shape
+    i = k.shape[1] - 1
+    if alive.shape != (hkv, i):
+        raise ValueError(f"alive: expected shape {(hkv, i)}, got {tuple(alive.shape)}")
+    alive = torch.cat([alive, torch.ones((hkv, 1), dtype=torch.bool, device=alive.device)], 1)
+    read = alive.clone()
+    e = torch.einsum("hgd,hjd->hgj", q.float(), k.float()) * (1.0 / math.sqrt(d))
+    e = torch.exp(e - e.amax(-1, keepdim=True))
+    w = e * alive[:, None]
+    p = (w / w.sum(-1, keepdim=True)).mean(1)  # [Hkv, i + 1]
+    if policy == "h2o":
+        acc = torch.cat([acc, torch.zeros((hkv, 1), dtype=acc.dtype, device=acc.device)], 1) + p
+    if int(alive[0].sum()) > budget:  # every head holds the same number of keys
+        if policy == "tova":
+            score = p.masked_fill(~alive, float("inf"))
+        else:
+            cols = torch.arange(i + 1, device=q.device)
+            score = acc.masked_fill(~(alive & (cols <= i - budget // 2)), float("inf"))
+        alive[torch.arange(hkv, device=q.device), score.argmin(-1)] = False
+    return read, alive, acc
 
 
 def quest_mask(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
@@ -112,6 +145,31 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 1
     chosen &= page[None, None, :] <= own[None, :, None]  # a -inf page picked to fill the top-k is not read
     mask = chosen.repeat_interleave(page_size, dim=-1)[..., :t]
     return mask & (i[None, None, :] <= i[None, :, None])
+
+
+def quest_row(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
+    """Quest page selection for one decoded query (the last row of :func:`quest_mask`):
+    q ``[Hkv, G, D]`` at position ``i = k.shape[1] - 1``, k ``[Hkv, i + 1, D]`` -> bool ``[Hkv, i + 1]``."""
+    hkv, n, d = k.shape
+    pages = -(-n // page_size)
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pages * page_size - n)).view(hkv, pages, page_size, d)
+    valid = (torch.arange(pages * page_size, device=k.device) < n).view(pages, page_size)[None, :, :, None]
+    kmax = kp.masked_fill(~valid, float("-inf")).amax(2)
+    kmin = kp.masked_fill(~valid, float("inf")).amin(2)
+    qf = q.float()
+    score = (torch.einsum("hgd,hpd->hp", qf.clamp(min=0), kmax) + torch.einsum("hgd,hpd->hp", qf.clamp(max=0), kmin))
+    score[:, pages - 1] = float("inf")  # the query's own page
+    top = score.topk(min(pages, max(1, budget // page_size)), dim=-1).indices
+    chosen = torch.zeros((hkv, pages), dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, top, True)
+    return chosen.repeat_interleave(page_size, dim=-1)[:, :n]
+
+
+def streaming_row(i: int, budget: int, sinks: int = 4, device=None) -> torch.Tensor:
+    """``[i + 1]``: the keys query ``i`` reads under StreamingLLM (the last row of :func:`streaming_mask`)."""
+    sinks = min(sinks, budget - 1)
+    j = torch.arange(i + 1, device=device)
+    return (j < sinks) | (i - j < budget - sinks)
 
 
 def policy_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, sinks: int = 4,
@@ -159,3 +217,113 @@ class PolicyAttention:
             s = s.masked_fill(~mask[h][None], float("-inf"))
             out[h] = (torch.softmax(s, -1) @ v[0, h].float()).to(q.dtype)
         return out.view(1, hq, t, d)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q ``[Hkv, G, T, D]``, k/v ``[Hkv, S, D]``, mask ``[Hkv, T, S]`` -> ``[Hkv, G, T, D]`` (float32 math)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+    for h in range(q.shape[0]):
+        s = torch.einsum("gid,jd->gij", q[h].float(), k[h].float()) * scale
+        s = s.masked_fill(~mask[h][None], float("-inf"))
+        out[h] = (torch.softmax(s, -1) @ v[h].float()).to(q.dtype)
+    return out
+
+
+class PolicyCache:
+    """Attention backend for greedy generation under a heuristic policy: a prefill of the prompt (one
+    call per layer with all its tokens, masked as :func:`policy_mask` does), then one token per call.
+    Each decoded query reads the keys the policy leaves it (:func:`streaming_row`, :func:`quest_row`,
+    :func:`evicting_step`): the same rules as the teacher-forced masks, run step by step.
+
+    K/V stay dense (the read mask does the eviction); ``held_peak`` counts, over layers and KV heads,
+    the most tokens a policy's cache would hold, ``reads`` the K/V tokens read by all queries.
+    ``record``: keep each layer's read rows (``masks[layer]``: ``[Hkv, T, T]``) for tests. Batch 1 only.
+    """
+
+    def __init__(self, policy: str, budget: int, sinks: int = 4, page_size: int = 16, record: bool = False):
+        _check(policy, budget)
+        self.policy, self.budget, self.sinks, self.page_size = policy, budget, sinks, page_size
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.state: dict[int, tuple] = {}
+        self.held: dict[int, int] = {}
+        self.reads = 0
+        self.masks: dict[int, torch.Tensor] | None = {} if record else None
+
+    @property
+    def held_peak(self) -> int:
+        return sum(self.held.values())
+
+    def _held(self, n: int) -> int:
+        return n if self.policy == "quest" else min(n, self.budget)
+
+    def attend(self, layer, q, k, v, logits):
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        if b != 1:
+            raise ValueError(f"q: policy generation runs one sequence at a time, got batch {b}")
+        qg = q[0].view(hkv, hq // hkv, t, d)
+        if layer not in self.k:  # the prefill
+            if self.policy in ("tova", "h2o"):
+                mask, alive, acc = evicting_mask(self.policy, qg, k[0], self.budget, state=True)
+                self.state[layer] = (alive, acc)
+            else:
+                mask = policy_mask(self.policy, qg, k[0], self.budget, self.sinks, self.page_size)
+            self.k[layer], self.v[layer] = k[0].clone(), v[0].clone()
+        else:
+            if t != 1:
+                raise ValueError(f"q: after the prefill, one token per call, got {t}")
+            self.k[layer] = torch.cat([self.k[layer], k[0]], 1)
+            self.v[layer] = torch.cat([self.v[layer], v[0]], 1)
+            kk = self.k[layer]
+            i = kk.shape[1] - 1
+            if self.policy == "streaming":
+                row = streaming_row(i, self.budget, self.sinks, q.device).expand(hkv, -1)
+            elif self.policy == "quest":
+                row = quest_row(qg[:, :, 0], kk, self.budget, self.page_size)
+            else:
+                row, alive, acc = evicting_step(self.policy, qg[:, :, 0], kk, *self.state[layer], self.budget)
+                self.state[layer] = (alive, acc)
+            mask = row[:, None, :]
+        n = self.k[layer].shape[1]
+        self.held[layer] = max(self.held.get(layer, 0), self._held(n) * hkv)
+        self.reads += int(mask.sum())
+        if self.masks is not None:
+            prev = self.masks.get(layer)
+            if prev is None:
+                self.masks[layer] = mask.clone()
+            else:
+                grown = torch.zeros((hkv, n, n), dtype=torch.bool, device=mask.device)
+                grown[:, : n - 1, : n - 1] = prev
+                grown[:, n - 1:] = mask
+                self.masks[layer] = grown
+        out = _masked_attention(qg, self.k[layer], self.v[layer], mask)
+        return out.view(1, hq, t, d)
+
+
+@torch.inference_mode()
+def policy_generate(model, prompt_ids: list[int], policy: str, budget: int, max_new_tokens: int,
+                    eos_ids=(), sinks: int = 4, page_size: int = 16) -> tuple[list[int], PolicyCache]:
+    """Greedy generation of ``model`` (run with eviction off) under ``policy`` at ``budget`` KV tokens
+    per layer and KV head: the new token ids (ending at the first EOS, which is kept) and the backend."""
+    from .attention import eviction_off
+
+    if not prompt_ids:
+        raise ValueError("prompt_ids: expected a non-empty list of token ids")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    backend = PolicyCache(policy, budget, sinks, page_size)
+    dev = model.device
+    out: list[int] = []
+    with eviction_off(model):
+        n = len(prompt_ids)
+        logits = model(torch.tensor([prompt_ids], device=dev), torch.arange(n, device=dev)[None], backend,
+                       logits_index=torch.tensor([n - 1], device=dev))
+        for step in range(max_new_tokens):
+            tok = int(torch.argmax(logits[0, -1]))
+            out.append(tok)
+            if tok in eos_ids or step == max_new_tokens - 1:
+                break
+            logits = model(torch.tensor([[tok]], device=dev), torch.tensor([[n + step]], device=dev), backend)
+    return out, backend
