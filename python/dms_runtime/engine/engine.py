@@ -48,10 +48,13 @@ class Engine:
     share the prompt's pages); ``step()`` runs one forward pass and returns the tokens it made;
     ``stream()`` iterates over all tokens until every request has finished; ``outputs`` holds
     the finished requests.
+
+    With a model loaded with ``tensor_parallel=N`` this engine runs on rank 0 and drives the other
+    ranks (which call ``dms_runtime.parallel.run_follower``); its pool holds rank 0's KV heads.
     """
 
     def __init__(self, model: DecoderLM, config: PagedConfig | None = None, *, eos_ids: set[int] | None = None,
-                 tokenizer=None, logits_hook=None):
+                 tokenizer=None, logits_hook=None, tensor_parallel: int | None = None):
         self.model = model
         self.config = config or PagedConfig()
         cfg = model.config
@@ -69,6 +72,10 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
+        if getattr(model, "tp", None) is not None or tensor_parallel not in (None, 1):
+            from ..parallel.engine import attach  # rank 0 of a sharded model: send each decision to every rank
+
+            attach(self, tensor_parallel)
 
     # ------------------------------------------------------------------ requests
 
