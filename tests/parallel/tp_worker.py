@@ -60,17 +60,17 @@ def scenarios(lm, world, prompts):
     big = PagedConfig(page_size=4, max_seqs=6, prefill_chunk=7, max_model_len=64, num_pages=2400 // world)
     greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.9, seed=11)
-    tiny = PagedConfig(page_size=4, max_seqs=4, prefill_chunk=16, max_model_len=64, num_pages=176 // world)
+    tiny = PagedConfig(page_size=4, max_seqs=4, prefill_chunk=16, max_model_len=64, num_pages=104 // world)
     probe = None if world > 1 else 2
     return {
         "chunks_decode": _run(lm.model, prompts[:3], greedy, big, tp1_cache_probe=probe, world=world),
         "forks": _run(lm.model, prompts[:2], sampled, big, n_samples=3, tp1_cache_probe=probe, world=world),
-        "preemption": _run(lm.model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True), tiny,
+        "preemption": _run(lm.model, prompts, SamplingParams(max_new_tokens=16, ignore_eos=True), tiny,
                            tp1_cache_probe=probe, world=world),
     }
 
 
-def main(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+def main(rank: int, world: int, port: int, cases: list, out_dir: str, generate_cases=()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -87,6 +87,8 @@ def main(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
                              "local_heads": lm.model.config.num_kv_heads, "heads": lm.config.num_kv_heads}
         else:
             parallel.run_follower(lm)
+        if name not in generate_cases:
+            continue
         # generate(): every rank calls it and gets rank 0's result
         res = dr.generate(lm, prompts[:2], max_new_tokens=5, ignore_eos=True, tensor_parallel=world)
         results.setdefault(name, {})[f"generate_rank{rank}"] = res.token_ids
