@@ -81,4 +81,8 @@ def generate_paged(
             "preemptions": engine.scheduler.preemptions,
         },
     )
+    if getattr(model, "tp", None) is not None:  # pool counters above are rank 0's; these are every rank's
+        from .parallel import rank_stats
+
+        stats.extra["ranks"] = rank_stats(engine)
     return outputs, stats

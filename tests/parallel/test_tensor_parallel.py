@@ -193,3 +193,9 @@ def test_smollm2_cr8_tp3_matches_tp1(smollm2_folder, tmp_path):
     assert len(live3) == 30 and all(len(row) == 3 for row in live3)  # gathered from the 3 ranks
     # float32 sums in another order may flip a decision sitting at logit 0; tokens are the contract
     assert abs(sum(map(sum, live3)) - sum(map(sum, live1))) <= 0.02 * sum(map(sum, live1))
+    # each rank's pool is a third of TP 1's (the pools' own sizes), and holds about a third of its bytes
+    ranks, ex1 = tp3["stats"]["extra"]["ranks"], one.stats.extra
+    pool1 = ex1["num_pages"] * ex1["page_size"] * 2 * 64 * 4  # pages * tokens * (K + V) * D * fp32
+    assert [r["kv_heads"] for r in ranks] == [1, 1, 1]
+    assert [3 * r["pool_bytes"] for r in ranks] == [pool1] * 3
+    assert abs(sum(r["peak_bytes"] for r in ranks) - ex1["pool_peak_bytes"]) <= 0.02 * ex1["pool_peak_bytes"]

@@ -72,7 +72,10 @@ def init_tensor_parallel(size: int, device: torch.device, timeout_s: float = 600
     if cuda:
         if backend != "nccl":
             raise ValueError(f"device: {device} needs an NCCL process group, the group uses {backend!r}")
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        if device.index is None:  # one GPU per process: LOCAL_RANK's, as torchrun numbers them
+            local = _env_int("LOCAL_RANK")
+            device = torch.device("cuda", torch.cuda.current_device() if local is None else local)
+        torch.cuda.set_device(device)
     key = (size, device.type)
     if key in _GROUPS:
         return _GROUPS[key]
