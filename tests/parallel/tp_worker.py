@@ -1,7 +1,7 @@
 """Work done inside each process of the tensor-parallel tests (started by test_tensor_parallel.py).
 
-Rank 0 runs every scenario twice, on the sharded model (driving the other ranks) and on the whole
-model in the same process (TP 1), and saves what the test compares; the other ranks follow.
+Rank 0 runs every scenario on the sharded model, driving the other ranks; then the processes
+share out the same scenarios on the whole model (TP 1). Each saves what it ran; the test merges.
 """
 
 from __future__ import annotations
@@ -76,24 +76,25 @@ def main(rank: int, world: int, port: int, cases: list, out_dir: str, generate_c
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 131, (n,), generator=g).tolist() for n in (13, 20, 5, 9)]
-    results = {}
-    for name, folder, dms in cases:
+    results: dict = {}
+    for name, folder, dms in cases:  # TP: rank 0 drives, the others follow
         lm = dr.load(folder, dtype=DTYPE, tensor_parallel=world, dms=dms)
         if rank == 0:
-            tp = scenarios(lm, world, prompts)
+            results[name] = {"tp": scenarios(lm, world, prompts), "local_heads": lm.model.config.num_kv_heads,
+                             "heads": lm.config.num_kv_heads}
             parallel.shutdown(lm)
-            whole = dr.load(folder, dtype=DTYPE, dms=dms)
-            results[name] = {"tp": tp, "tp1": scenarios(whole, 1, prompts),
-                             "local_heads": lm.model.config.num_kv_heads, "heads": lm.config.num_kv_heads}
         else:
             parallel.run_follower(lm)
-        if name not in generate_cases:
+        if name in generate_cases:  # generate(): every rank calls it and gets rank 0's result
+            res = dr.generate(lm, prompts[:2], max_new_tokens=5, ignore_eos=True, tensor_parallel=world)
+            results.setdefault(name, {})[f"generate_rank{rank}"] = res.token_ids
+    for i, (name, folder, dms) in enumerate(cases):  # TP 1 references, shared out between the processes
+        if i % world != rank:
             continue
-        # generate(): every rank calls it and gets rank 0's result
-        res = dr.generate(lm, prompts[:2], max_new_tokens=5, ignore_eos=True, tensor_parallel=world)
-        results.setdefault(name, {})[f"generate_rank{rank}"] = res.token_ids
-        if rank == 0:
-            results[name]["generate_tp1"] = dr.generate(dr.load(folder, dtype=DTYPE, dms=dms), prompts[:2],
-                                                        max_new_tokens=5, ignore_eos=True).token_ids
+        whole = dr.load(folder, dtype=DTYPE, dms=dms)
+        results.setdefault(name, {})["tp1"] = scenarios(whole, 1, prompts)
+        if name in generate_cases:
+            results[name]["generate_tp1"] = dr.generate(whole, prompts[:2], max_new_tokens=5,
+                                                        ignore_eos=True).token_ids
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     parallel.close()
