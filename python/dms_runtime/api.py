@@ -36,7 +36,8 @@ class LoadedModel:
 
     @property
     def config(self) -> ModelConfig:
-        return self.model.config
+        shard = getattr(self.model, "tp", None)  # a tensor-parallel rank's model has the local head counts
+        return shard.full_config if shard is not None else self.model.config
 
     @property
     def eos_ids(self) -> set[int]:
@@ -80,26 +81,46 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = "cpu",
     dms: DMSConfig | dict[str, Any] | None = None,
+    tensor_parallel: int = 1,
 ) -> LoadedModel:
     """Load a model by embedded name (``"smollm2-135m-instruct"``, or its shipped DMS retrofits
     ``"smollm2-135m-instruct-dms-cr4"`` / ``"-cr8"``), local folder, retrofit folder or ``.gguf`` file.
 
     ``dms`` gives or overrides the DMS settings (a :class:`DMSConfig`, or a dict with keys
     like ``{"dms_window_size": 256}``); a checkpoint without ``dms_*`` keys loads as vanilla.
+
+    ``tensor_parallel=N`` (N processes, e.g. ``torchrun --nproc_per_node N``): each rank reads only
+    its shard (KV heads ``Hkv/N`` with their query groups, ``1/N`` of the MLP); see
+    :mod:`dms_runtime.parallel`.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise V.SettingTypeError(f"name_or_path: expected a model name, folder or .gguf path, got {name_or_path!r}")
     _dtype(dtype), _device(device)  # fail on bad settings before anything is read or converted
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel: expected an int >= 1, got {tensor_parallel!r}")
+    tp = None
+    if tensor_parallel > 1:
+        from .parallel import init_tensor_parallel
+
+        tp = init_tensor_parallel(tensor_parallel, _device(device))
+        device = tp.device
     shipped = shipped_retrofit(str(name_or_path))
     if shipped is not None:
-        lm = _load_adapter(shipped, dtype=dtype, device=device, dms=dms)
+        lm = _load_adapter(shipped, dtype=dtype, device=device, dms=dms, tensor_parallel=tensor_parallel)
         lm.name = str(name_or_path)
         return lm
     adapter = Path(str(name_or_path)).expanduser()
     if (adapter / "dms_config.json").is_file() and not (adapter / "config.json").is_file():
-        return _load_adapter(adapter, dtype=dtype, device=device, dms=dms)
-    path, embedded = resolve(str(name_or_path))
-    model, _ = load_model(path, dtype=_dtype(dtype), device=_device(device), dms=dms)
+        return _load_adapter(adapter, dtype=dtype, device=device, dms=dms, tensor_parallel=tensor_parallel)
+    if tp is None:
+        path, embedded = resolve(str(name_or_path))
+        model, _ = load_model(path, dtype=_dtype(dtype), device=_device(device), dms=dms)
+    else:
+        from .parallel import load_model_sharded, rank_zero_first
+
+        with rank_zero_first(tp):  # one rank converts an embedded GGUF file into the cache
+            path, embedded = resolve(str(name_or_path))
+        model = load_model_sharded(path, tp, dtype=_dtype(dtype), device=device, dms=dms)
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
@@ -112,7 +133,7 @@ def load(
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), path=path, embedded=embedded)
 
 
-def _load_adapter(folder: Path, *, dtype, device, dms) -> LoadedModel:
+def _load_adapter(folder: Path, *, dtype, device, dms, tensor_parallel: int = 1) -> LoadedModel:
     """A retrofit saved as DMS weights + settings on top of a base model named in dms_config.json."""
 
     raw = read_json(folder / "dms_config.json")
@@ -124,8 +145,13 @@ def _load_adapter(folder: Path, *, dtype, device, dms) -> LoadedModel:
     if dms is not None and not isinstance(dms, dict):
         raise ValueError("dms: give a dict of dms_* keys to override a retrofit's settings")
     settings.update(dms or {})
-    lm = load(base, dtype=dtype, device=device, dms=settings)
-    load_named_weights(lm.model, folder / "dms_weights.safetensors", what="model")
+    lm = load(base, dtype=dtype, device=device, dms=settings, tensor_parallel=tensor_parallel)
+    if tensor_parallel > 1:
+        from .parallel import load_named_weights_sharded
+
+        load_named_weights_sharded(lm.model, folder / "dms_weights.safetensors", what="model")
+    else:
+        load_named_weights(lm.model, folder / "dms_weights.safetensors", what="model")
     lm.name, lm.path = str(folder), folder
     return lm
 
@@ -185,6 +211,7 @@ def generate(
     backend: str = "paged",
     n: int = 1,
     paged: PagedConfig | None = None,
+    tensor_parallel: int | None = None,
     **sampling: Any,
 ) -> GenerationResult:
     """Generate for a batch of prompts.
@@ -196,10 +223,35 @@ def generate(
 
     ``backend``: ``"paged"`` (default: the serving engine over the paged DMS cache) or
     ``"reference"`` (dense cache + the reference definition; the oracle). ``n`` samples per prompt
-    (paged only) share the prompt's pages; outputs are then prompt-major. ``paged`` sizes the pool.
+    (paged only) share the prompt's pages; outputs are then prompt-major. ``paged`` sizes the pool
+    (of each rank, with tensor parallelism).
+
+    A model loaded with ``tensor_parallel=N``: every rank calls ``generate()``; rank 0 encodes,
+    schedules and samples, the others run their shards, and all return rank 0's result.
+    ``tensor_parallel``, when given, must match the model's.
     """
     if not isinstance(model, LoadedModel):
         raise ValueError(f"model: expected what dms_runtime.load() returns, got {type(model).__name__}")
+    shard = getattr(model.model, "tp", None)
+    if tensor_parallel is not None and tensor_parallel != (shard.size if shard is not None else 1):
+        raise ValueError(f"tensor_parallel={tensor_parallel}: the model was loaded with "
+                         f"tensor_parallel={shard.size if shard is not None else 1}; give it to load()")
+    if shard is not None:
+        from . import parallel
+
+        if shard.rank != 0:
+            return parallel.run_follower(model, until_result=True)
+        try:
+            result = _generate(model, prompts, params, chat=chat, backend=backend, n=n, paged=paged, **sampling)
+        except BaseException as exc:
+            parallel.end_call(model, error=exc)
+            raise
+        parallel.end_call(model, result)
+        return result
+    return _generate(model, prompts, params, chat=chat, backend=backend, n=n, paged=paged, **sampling)
+
+
+def _generate(model: LoadedModel, prompts, params, *, chat, backend, n, paged, **sampling) -> GenerationResult:
     if params is None:
         params = SamplingParams(**sampling)
     elif sampling:
@@ -218,6 +270,8 @@ def generate(
         raise ValueError(f"backend: expected 'paged' or 'reference', got {backend!r}")
     if backend == "reference" and (n != 1 or paged is not None):
         raise ValueError("n / paged: only the paged backend takes them")
+    if backend == "reference" and getattr(model.model, "tp", None) is not None:
+        raise ValueError("backend: the reference runtime runs on one process; tensor parallelism needs 'paged'")
     ids = encode_prompts(model, prompts, chat)
     ctx = model.config.max_position_embeddings
     for i, p in enumerate(ids):

@@ -38,6 +38,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--page-size", type=cli_int(1, V.MAX_PAGE_SIZE), default=16)
     p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N processes by KV head: `torchrun --nproc_per_node N -m dms_runtime.cli "
+                        "generate --tensor-parallel N ...` (rank 0 prints)")
 
 
 def _generate(args) -> int:
@@ -52,9 +55,22 @@ def _generate(args) -> int:
         dms["dms_window_size"] = args.dms_window
     if args.no_eviction:
         dms["dms_disable_eviction"] = True
-    lm = dr.load(args.model, dtype=args.dtype, device=args.device, dms=dms or None)
+    lm = dr.load(args.model, dtype=args.dtype, device=args.device, dms=dms or None,
+                 tensor_parallel=args.tensor_parallel)
+    rank = lm.model.tp.rank if args.tensor_parallel > 1 else 0
     if args.stream:
-        return _stream(lm, prompts, args)
+        if rank != 0:
+            from .parallel import run_follower
+
+            run_follower(lm)
+            return 0
+        try:
+            return _stream(lm, prompts, args)
+        finally:
+            if args.tensor_parallel > 1:
+                from .parallel import shutdown
+
+                shutdown(lm)
     result = dr.generate(
         lm,
         prompts,
@@ -69,6 +85,8 @@ def _generate(args) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+    if rank != 0:  # every rank ran its shard; rank 0 reports
+        return 0
     notice = None
     if not lm.config.dms_active:
         reason = "its DMS retrofit does not exist yet" if lm.config.dms is None else "eviction was switched off"
@@ -150,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
-            return _generate(args)
+            try:
+                return _generate(args)
+            finally:
+                if getattr(args, "tensor_parallel", 1) > 1:
+                    from .parallel import close
+
+                    close()
         if args.command == "retrofit":
             return retrofit_cli.run(args)
         if args.command == "eval":

@@ -60,7 +60,9 @@ def generate_paged(
         decode_s=st.decode_s,
         tokens_per_s=n_gen / max(elapsed, 1e-9),
         decode_tokens_per_s=st.decode_tokens / max(st.decode_s, 1e-9),
-        kv=KVFootprint.from_live(cfg, live, lengths, model.dtype.itemsize),
+        # live is [B, L, Hkv] over all heads, also with tensor parallelism (gathered from the ranks)
+        kv=KVFootprint.from_live(getattr(getattr(model, "tp", None), "full_config", cfg), live, lengths,
+                                 model.dtype.itemsize),
         eviction=cfg.dms_active,
         window=cfg.dms.window_size if cfg.dms_active else None,
         backend=f"paged/{engine.attention_name}",
@@ -79,4 +81,8 @@ def generate_paged(
             "preemptions": engine.scheduler.preemptions,
         },
     )
+    if getattr(model, "tp", None) is not None:  # pool counters above are rank 0's; these are every rank's
+        from .parallel import rank_stats
+
+        stats.extra["ranks"] = rank_stats(engine)
     return outputs, stats

@@ -49,10 +49,13 @@ class Engine:
     share the prompt's pages); ``step()`` runs one forward pass and returns the tokens it made;
     ``stream()`` iterates over all tokens until every request has finished; ``outputs`` holds
     the finished requests.
+
+    With a model loaded with ``tensor_parallel=N`` this engine runs on rank 0 and drives the other
+    ranks (which call ``dms_runtime.parallel.run_follower``); its pool holds rank 0's KV heads.
     """
 
     def __init__(self, model: DecoderLM, config: PagedConfig | None = None, *, eos_ids: set[int] | None = None,
-                 tokenizer=None, logits_hook=None):
+                 tokenizer=None, logits_hook=None, tensor_parallel: int | None = None):
         self.model = model
         if config is not None and not isinstance(config, PagedConfig):
             raise V.SettingTypeError(f"config: expected a PagedConfig, got {type(config).__name__}")
@@ -75,6 +78,10 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
+        if getattr(model, "tp", None) is not None or tensor_parallel not in (None, 1):
+            from ..parallel.engine import attach  # rank 0 of a sharded model: send each decision to every rank
+
+            attach(self, tensor_parallel)
 
     # ------------------------------------------------------------------ requests
 
