@@ -31,6 +31,10 @@ from ..paged.step import PagedStep
 from .shard import TPShard
 
 
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0's ``generate()`` call failed (rank 0 raises the cause)."""
+
+
 def _send(shard: TPShard, msg: tuple) -> None:
     dist.broadcast_object_list([msg], src=0, group=shard.tp.ctrl)
 
@@ -205,7 +209,7 @@ def run_follower(lm, *, until_result: bool = False) -> Any:
             continue
         if kind == "error":
             if until_result:
-                raise RuntimeError(f"rank 0 failed: {msg[1]}")
+                raise RankZeroFailed(f"rank 0 failed: {msg[1]}")
             continue
         if kind == "engine":
             state = _FollowerState(model, msg[1], msg[2])
