@@ -71,6 +71,14 @@ def _generate(args) -> int:
                 from .parallel import shutdown
 
                 shutdown(lm)
+    if rank != 0:  # every rank runs its shard; rank 0 reports (and prints any error)
+        from .parallel import RankZeroFailed
+
+        try:
+            dr.generate(lm, prompts)
+        except RankZeroFailed:
+            return 2
+        return 0
     result = dr.generate(
         lm,
         prompts,
@@ -85,8 +93,6 @@ def _generate(args) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    if rank != 0:  # every rank ran its shard; rank 0 reports
-        return 0
     notice = None
     if not lm.config.dms_active:
         reason = "its DMS retrofit does not exist yet" if lm.config.dms is None else "eviction was switched off"

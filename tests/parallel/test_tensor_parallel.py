@@ -54,6 +54,8 @@ def _with_adapter(folder: Path, cfg: dict) -> None:
 
 
 CASES = [("llama", False), ("llama", True), ("qwen3", False), ("qwen3", True), ("qwen2", False)]
+ALL = ("chunks_decode", "forks", "preemption")
+SCENARIOS = {"qwen2-borrowed": ("chunks_decode",), "llama-vanilla": ("chunks_decode",)}  # q/k/v biases; 1/N exactly
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +67,18 @@ def tp2_results(tiny_factory, tmp_path_factory):
         if adapter and not (folder / ".adapter").exists():
             _with_adapter(folder, json.loads((folder / "config.json").read_text()))
             (folder / ".adapter").touch()
-        cases.append((f"{arch}-{'adapter' if adapter else 'borrowed'}", str(folder), None))
-    vanilla = cases[0][1]
-    cases.append(("llama-vanilla", vanilla, {"dms_disable_eviction": True}))
+        name = f"{arch}-{'adapter' if adapter else 'borrowed'}"
+        cases.append((name, str(folder), None, SCENARIOS.get(name, ALL)))
+    cases.append(("llama-vanilla", cases[0][1], {"dms_disable_eviction": True}, SCENARIOS["llama-vanilla"]))
     out = tmp_path_factory.mktemp("tp2")
     ctx = mp.start_processes(tp_worker.main, args=(2, _free_port(), cases, str(out), GENERATE), nprocs=2, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + 150  # a hung collective fails the test instead of the suite
+    deadline = time.monotonic() + 420  # a hung collective fails the test instead of the suite
     while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the TP 2 processes did not finish within 150 s")
+            pytest.fail("the TP 2 processes did not finish within 420 s")
     parts = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     merged = {name: {**parts[1].get(name, {}), **parts[0].get(name, {})} for name in parts[0]}
     return merged, parts[1]
@@ -86,8 +88,11 @@ NAMES = [f"{a}-{'adapter' if ad else 'borrowed'}" for a, ad in CASES]
 GENERATE = ("llama-borrowed", "qwen3-adapter")  # generate() called on every rank (the engine path is shared)
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("scenario", ["chunks_decode", "forks", "preemption"])
+TOKEN_CASES = [(n, s) for n in NAMES for s in SCENARIOS.get(n, ALL)]
+PAGE_CASES = [(n, s) for n in NAMES + ["llama-vanilla"] for s in SCENARIOS.get(n, ALL) if s != "preemption"]
+
+
+@pytest.mark.parametrize("name,scenario", TOKEN_CASES)
 def test_tp2_same_tokens_and_live_counts(tp2_results, name, scenario):
     res = tp2_results[0][name]
     tp, tp1 = res["tp"][scenario], res["tp1"][scenario]
@@ -104,15 +109,19 @@ def test_tp2_same_tokens_and_live_counts(tp2_results, name, scenario):
         assert tp["preemptions"] > 0 and tp1["preemptions"] > 0
 
 
+def test_an_older_engine_cannot_drive_the_followers(tp2_results):
+    """The other ranks hold one engine's pools: an engine replaced by a newer one fails loudly."""
+    assert "replaced by a newer Engine" in tp2_results[0]["llama-borrowed"]["replaced_engine_error"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tp2_evicts(tp2_results, name):
     """The cases exercise eviction: some (layer, head) holds fewer tokens than it processed."""
     live = tp2_results[0][name]["tp"]["chunks_decode"]["live"]
-    assert min(min(row) for per_req in live for row in per_req) < 13 + 10 - 1
+    assert min(min(row) for per_req in live for row in per_req) < 13 + 8 - 1
 
 
-@pytest.mark.parametrize("name", NAMES + ["llama-vanilla"])
-@pytest.mark.parametrize("scenario", ["chunks_decode", "forks"])
+@pytest.mark.parametrize("name,scenario", PAGE_CASES)
 def test_each_rank_holds_its_heads_pages(tp2_results, name, scenario):
     """From the pools' own counters, after every step: rank r's pages in use equal the pages TP 1
     holds for rank r's KV heads; their sum is TP 1's; each pool is half of TP 1's."""
@@ -182,11 +191,11 @@ def test_world_size_mismatch_fails_at_start(tiny_factory, monkeypatch, capsys):
 @pytest.mark.slow
 def test_smollm2_cr8_tp3_matches_tp1(smollm2_folder, tmp_path):
     """The shipped CR 8 retrofit (3 KV heads, 9 query heads, MLP 1536) over 3 gloo processes."""
-    name, prompt, n = "smollm2-135m-instruct-dms-cr8", "Name three colours.", 5
+    name, prompt, n = "smollm2-135m-instruct-dms-cr8", "Name three colours.", 4
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
            str(_free_port()), "-m", "dms_runtime.cli", "generate", "-m", name, "--tensor-parallel", "3",
            "-n", str(n), "--ignore-eos", "--json", prompt]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     tp3 = json.loads(run.stdout)  # rank 0 alone prints
     one = dr.generate(dr.load(name), [prompt], max_new_tokens=n, ignore_eos=True)

@@ -56,18 +56,19 @@ def _run(model, prompts, params, pcfg, n_samples=1, tp1_cache_probe=None, world=
     }
 
 
-def scenarios(lm, world, prompts):
+def scenarios(lm, world, prompts, which=("chunks_decode", "forks", "preemption")):
     big = PagedConfig(page_size=4, max_seqs=6, prefill_chunk=7, max_model_len=64, num_pages=2400 // world)
-    greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    sampled = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.9, seed=11)
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.9, seed=11)
     tiny = PagedConfig(page_size=4, max_seqs=4, prefill_chunk=16, max_model_len=64, num_pages=104 // world)
     probe = None if world > 1 else 2
-    return {
-        "chunks_decode": _run(lm.model, prompts[:3], greedy, big, tp1_cache_probe=probe, world=world),
-        "forks": _run(lm.model, prompts[:2], sampled, big, n_samples=3, tp1_cache_probe=probe, world=world),
-        "preemption": _run(lm.model, prompts, SamplingParams(max_new_tokens=16, ignore_eos=True), tiny,
-                           tp1_cache_probe=probe, world=world),
+    runs = {
+        "chunks_decode": lambda: _run(lm.model, prompts[:3], greedy, big, tp1_cache_probe=probe, world=world),
+        "forks": lambda: _run(lm.model, prompts[:2], sampled, big, n_samples=3, tp1_cache_probe=probe, world=world),
+        "preemption": lambda: _run(lm.model, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True), tiny,
+                                   tp1_cache_probe=probe, world=world),
     }
+    return {k: runs[k]() for k in which}
 
 
 def main(rank: int, world: int, port: int, cases: list, out_dir: str, generate_cases=()) -> None:
@@ -77,22 +78,31 @@ def main(rank: int, world: int, port: int, cases: list, out_dir: str, generate_c
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 131, (n,), generator=g).tolist() for n in (13, 20, 5, 9)]
     results: dict = {}
-    for name, folder, dms in cases:  # TP: rank 0 drives, the others follow
+    for name, folder, dms, which in cases:  # TP: rank 0 drives, the others follow
         lm = dr.load(folder, dtype=DTYPE, tensor_parallel=world, dms=dms)
         if rank == 0:
-            results[name] = {"tp": scenarios(lm, world, prompts), "local_heads": lm.model.config.num_kv_heads,
+            results[name] = {"tp": scenarios(lm, world, prompts, which), "local_heads": lm.model.config.num_kv_heads,
                              "heads": lm.config.num_kv_heads}
+            if name == cases[0][0]:  # an engine replaced by a newer one may not send
+                old = Engine(lm.model, PagedConfig(page_size=4, max_seqs=1, max_model_len=32, num_pages=64))
+                Engine(lm.model, PagedConfig(page_size=4, max_seqs=1, max_model_len=32, num_pages=64))
+                old.add_request(prompts[0], SamplingParams(max_new_tokens=2))
+                try:
+                    old.step()
+                    results[name]["replaced_engine_error"] = None
+                except RuntimeError as exc:
+                    results[name]["replaced_engine_error"] = str(exc)
             parallel.shutdown(lm)
         else:
             parallel.run_follower(lm)
         if name in generate_cases:  # generate(): every rank calls it and gets rank 0's result
             res = dr.generate(lm, prompts[:2], max_new_tokens=5, ignore_eos=True, tensor_parallel=world)
             results.setdefault(name, {})[f"generate_rank{rank}"] = res.token_ids
-    for i, (name, folder, dms) in enumerate(cases):  # TP 1 references, shared out between the processes
+    for i, (name, folder, dms, which) in enumerate(cases):  # TP 1 references, shared out between the processes
         if i % world != rank:
             continue
         whole = dr.load(folder, dtype=DTYPE, dms=dms)
-        results.setdefault(name, {})["tp1"] = scenarios(whole, 1, prompts)
+        results.setdefault(name, {})["tp1"] = scenarios(whole, 1, prompts, which)
         if name in generate_cases:
             results[name]["generate_tp1"] = dr.generate(whole, prompts[:2], max_new_tokens=5,
                                                         ignore_eos=True).token_ids

@@ -31,6 +31,10 @@ from ..paged.step import PagedStep
 from .shard import TPShard
 
 
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0's ``generate()`` call failed (rank 0 raises the cause)."""
+
+
 def _send(shard: TPShard, msg: tuple) -> None:
     dist.broadcast_object_list([msg], src=0, group=shard.tp.ctrl)
 
@@ -83,27 +87,33 @@ class ShardedCacheView:
         """Free pages of the fullest rank: a step that fits here fits on every rank."""
         return min(self._free, self._cache.free_top)
 
+    def send(self, msg: tuple) -> None:
+        if self._shard.driver is not self:
+            raise RuntimeError("this tensor-parallel engine was replaced by a newer Engine on the same model; "
+                               "the other ranks follow one engine at a time")
+        _send(self._shard, msg)
+
     def sync_free(self) -> None:
         self.__dict__["_free"] = _min_free(self._shard, self._cache)
 
     def free_seq(self, slot: int) -> None:
-        _send(self._shard, ("free", slot))
+        self.send(("free", slot))
         self._cache.free_seq(slot)
         self.sync_free()
 
     def fork(self, parent: int, child: int) -> None:
-        _send(self._shard, ("fork", parent, child))
+        self.send(("fork", parent, child))
         self._cache.fork(parent, child)
         self.sync_free()
 
     def live_tokens(self, slot: int) -> torch.Tensor:
         """``[L, Hkv]`` over all ranks (each holds its own heads' lists)."""
-        _send(self._shard, ("live", slot))
+        self.send(("live", slot))
         return _gather_live(self._shard, self._cache, slot).to(self._cache.device)
 
     def rank_stats(self) -> list[dict]:
         """Per rank: KV heads, pool pages, pages and bytes in use now and at the peak, pool bytes."""
-        _send(self._shard, ("stats",))
+        self.send(("stats",))
         return _pool_stats(self._shard, self._cache)
 
 
@@ -120,7 +130,7 @@ class ShardedModelView:
     def __call__(self, input_ids, positions, step, logits_index=None):
         view: ShardedCacheView = self._view
         li = None if logits_index is None else logits_index.cpu()
-        _send(view._shard, ("forward", input_ids.cpu(), positions.cpu(), step.slots.cpu(), step.starts.cpu(),
+        view.send(("forward", input_ids.cpu(), positions.cpu(), step.slots.cpu(), step.starts.cpu(),
                             step.n_new.cpu(), li))
         try:
             return self._model(input_ids, positions, step, logits_index=logits_index)
@@ -147,6 +157,7 @@ def attach(engine, tensor_parallel: int | None = None) -> None:
         raise ValueError("logits_hook: not supported with tensor parallelism (each rank computes its own heads' logits)")
     _send(shard, ("engine", engine.config, engine.cache.max_model_len))
     view = ShardedCacheView(engine.cache, shard)
+    shard.driver = view  # the followers now hold this engine's pools; an older engine may not send any more
     engine.cache = view
     engine.scheduler.cache = view
     engine.model = ShardedModelView(model, view)
@@ -198,7 +209,7 @@ def run_follower(lm, *, until_result: bool = False) -> Any:
             continue
         if kind == "error":
             if until_result:
-                raise RuntimeError(f"rank 0 failed: {msg[1]}")
+                raise RankZeroFailed(f"rank 0 failed: {msg[1]}")
             continue
         if kind == "engine":
             state = _FollowerState(model, msg[1], msg[2])

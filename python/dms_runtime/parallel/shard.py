@@ -50,6 +50,7 @@ class TPShard:
 
     tp: TPGroup
     full_config: ModelConfig
+    driver: object = None  # the cache stand-in of the engine rank 0 drives now (one at a time)
 
     @property
     def rank(self) -> int:
