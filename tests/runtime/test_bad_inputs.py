@@ -342,6 +342,7 @@ CLI = [
     (["retrofit", "--out", "{tmp}/o", "--cr", "2", "--cr-start", "4", "-m", "{tmp}/none"], "--cr-start: expected at most --cr=2"),
     (["retrofit", "--out", "{full}", "-m", "{tmp}/none"], "--out: .* exists and is not empty; pass --resume .* or --overwrite"),
     (["retrofit", "--out", "{full}/dms_config.json", "-m", "{tmp}/none"], "--out: .* exists and is not a folder"),
+    (["retrofit", "--out", "{full}", "--resume", "-m", "{tmp}/none"], "--resume: .* holds no trainer state"),
     (["eval", "-m", "x", "--lengths", "0"], "argument --lengths"),
     (["eval", "-m", "x", "--sequences", "-1"], "argument --sequences"),
     (["eval", "-m", "x", "--passkey-trials", "-1"], "argument --passkey-trials"),
