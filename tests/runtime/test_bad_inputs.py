@@ -4,6 +4,7 @@ valid call afterwards makes the same tokens as before."""
 
 import json
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -352,8 +353,6 @@ CLI = [
 
 @pytest.mark.parametrize("argv,match", CLI, ids=[f"cli-{i}" for i in range(len(CLI))])
 def test_cli_prints_one_line_and_exits_2(folder, tmp_path, capsys, still_good, argv, match):
-    import re
-
     broken = _copy(folder, tmp_path / "broken")
     _break_config_json(broken)
     full = tmp_path / "full"
