@@ -4,6 +4,7 @@ valid call afterwards makes the same tokens as before."""
 
 import json
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -342,6 +343,7 @@ CLI = [
     (["retrofit", "--out", "{tmp}/o", "--cr", "2", "--cr-start", "4", "-m", "{tmp}/none"], "--cr-start: expected at most --cr=2"),
     (["retrofit", "--out", "{full}", "-m", "{tmp}/none"], "--out: .* exists and is not empty; pass --resume .* or --overwrite"),
     (["retrofit", "--out", "{full}/dms_config.json", "-m", "{tmp}/none"], "--out: .* exists and is not a folder"),
+    (["retrofit", "--out", "{full}", "--resume", "-m", "{tmp}/none"], "--resume: .* holds no trainer state"),
     (["eval", "-m", "x", "--lengths", "0"], "argument --lengths"),
     (["eval", "-m", "x", "--sequences", "-1"], "argument --sequences"),
     (["eval", "-m", "x", "--passkey-trials", "-1"], "argument --passkey-trials"),
@@ -351,8 +353,6 @@ CLI = [
 
 @pytest.mark.parametrize("argv,match", CLI, ids=[f"cli-{i}" for i in range(len(CLI))])
 def test_cli_prints_one_line_and_exits_2(folder, tmp_path, capsys, still_good, argv, match):
-    import re
-
     broken = _copy(folder, tmp_path / "broken")
     _break_config_json(broken)
     full = tmp_path / "full"

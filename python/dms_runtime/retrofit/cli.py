@@ -18,9 +18,14 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, rank: int = 0) -> None
     """Refuse to train over an earlier retrofit unless told to continue it or replace it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {str(out)!r} exists and is not a folder")
+    from .trainer import has_state
+
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise UserError(f"--out: {str(out)!r} exists and is not empty; pass --resume to continue its run or "
                         f"--overwrite to replace it")
+    if resume and out.is_dir() and any(out.iterdir()) and not has_state(out):
+        raise UserError(f"--resume: {str(out)!r} holds no trainer state (trainer_state.json) to continue; pass "
+                        f"--overwrite to replace it, or start a new --out with --init-from {str(out)!r}")
     if overwrite and rank == 0 and out.is_dir():
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
