@@ -257,10 +257,9 @@ def test_eval_cli_retrieval(tiny_with_tokenizer, capsys, tmp_path):
 
 def test_eval_cli_several_models_give_curves(tiny_with_tokenizer, capsys, tmp_path):
     plot = tmp_path / "curves.png"
-    args = ["eval", "-m", str(tiny_with_tokenizer), str(tiny_with_tokenizer), "--lengths", "32", "48",
+    args = ["eval", "-m", str(tiny_with_tokenizer), str(tiny_with_tokenizer), "--lengths", "32",
             "--sequences", "1", "--policy", "tova", "--json", "--plot", str(plot)]
     assert main(args[:4] + ["--dms-window", "3"] + args[4:]) == 0
     methods = json.loads(capsys.readouterr().out)["methods"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    assert [m["method"] for m in methods].count("vanilla") == 2  # once per length
-    assert [m["method"] for m in methods].count("dms") == 4 and [m["method"] for m in methods].count("tova") == 4
+    assert [m["method"] for m in methods] == ["vanilla", "dms", "tova", "dms", "tova"]  # vanilla once per length

@@ -180,7 +180,7 @@ def run_eval(args) -> int:
     models = [(name, dr.load(name, dms={"dms_window_size": args.dms_window} if args.dms_window else None))
               for name in args.model]
     for n in args.lengths:
-        for name, lm in models:
+        for index, (name, lm) in enumerate(models):
             if args.calibrate:
                 ret_rows += suite.run(lm, n, _label(name), _base(lm), dms=False)
                 continue
@@ -191,13 +191,13 @@ def run_eval(args) -> int:
             if args.policy:
                 row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, _label(name),
                                             vanilla=vanilla[key])
-                new_rows = [r for r in rows if r.method != "vanilla" or name == args.model[0]]
+                new_rows = [r for r in rows if r.method != "vanilla" or index == 0]
             else:
                 row = fidelity(lm, n, args.sequences, vanilla=vanilla[key])
                 new_rows = [MethodRow("vanilla", _label(name), n, None, 0.0, 1.0, 1.0, 1.0),
                             MethodRow("dms", _label(name), n, None, row.kl_per_token, row.greedy_agreement,
                                       row.peak_live_fraction, row.read_fraction)]
-                if name != args.model[0]:
+                if index:
                     new_rows = new_rows[1:]
             if suite is not None:
                 ret_rows += suite.run(lm, n, _label(name), _base(lm), policies=args.policy,

@@ -16,6 +16,11 @@ cache when that query is decoded:
 The evicting policies hold at most ``budget`` tokens after each step (the query itself reads up
 to ``budget + 1``: it is appended before the policy evicts). Queries are batched rows of one
 forward pass; only batch size 1 is supported (one held-out sequence at a time).
+
+For scoring by generation, :class:`PolicyCache` runs the same rules during greedy decoding: the
+prompt's prefill is masked as above (and leaves the policy's cache state), then each new token's
+query reads the keys the policy leaves it (:func:`streaming_row`, :func:`quest_row`,
+:func:`evicting_step`); :func:`policy_generate` is the greedy loop.
 """
 
 from __future__ import annotations
