@@ -49,6 +49,7 @@ class GenerationStats:
     eviction: bool  # whether the model evicts (a DMS model with eviction on)
     window: int | None
     backend: str = "reference"
+    kernels: dict = field(default_factory=dict)  # op -> implementation that ran it (paged runtime)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
