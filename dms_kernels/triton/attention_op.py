@@ -1,6 +1,6 @@
 """Paged DMS attention with the Triton kernels: the split-K decode kernel for one new token per
 sequence, the chunk kernel otherwise. Same signature as the torch implementation
-(``dms_runtime.paged.attention_torch.torch_paged_attention``)."""
+(``dms_runtime.paged.torch_kernels.torch_paged_attention``)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from .models.decoder import DecoderLM
 from .models.loading import load_model, load_named_weights
 from .outputs import RequestOutput
 from .paged.cache import PagedConfig
-from .paged_generate import generate_paged
-from .reference_runtime.generate import generate_reference
+from .engine.generate import generate_paged
+from .oracle.generate import generate_oracle
 from .sampling import SamplingParams
 from .stats import GenerationStats
 
@@ -181,7 +181,7 @@ def generate(
     ``stop``, ``stop_token_ids``, ``ignore_eos``).
 
     ``backend``: ``"paged"`` (default: the serving engine over the paged DMS cache) or
-    ``"reference"`` (dense cache + the reference definition; the oracle). ``n`` samples per prompt
+    ``"oracle"`` (dense cache + the reference definition). ``n`` samples per prompt
     (paged only) share the prompt's pages; outputs are then prompt-major. ``paged`` sizes the pool.
     """
     if not isinstance(model, LoadedModel):
@@ -190,9 +190,9 @@ def generate(
         params = SamplingParams(**sampling)
     elif sampling:
         raise ValueError(f"pass sampling settings either as params or as keywords, not both: {sorted(sampling)}")
-    if backend not in ("paged", "reference"):
-        raise ValueError(f"backend: expected 'paged' or 'reference', got {backend!r}")
-    if backend == "reference" and (n != 1 or paged is not None):
+    if backend not in ("paged", "oracle"):
+        raise ValueError(f"backend: expected 'paged' or 'oracle', got {backend!r}")
+    if backend == "oracle" and (n != 1 or paged is not None):
         raise ValueError("n / paged: only the paged backend takes them")
     ids = encode_prompts(model, prompts, chat)
     ctx = model.config.max_position_embeddings
@@ -206,7 +206,7 @@ def generate(
         outputs, stats = generate_paged(model.model, ids, params, eos_ids=model.eos_ids, tokenizer=model.tokenizer,
                                         n=n, config=paged)
     else:
-        outputs, stats = generate_reference(model.model, ids, params, eos_ids=model.eos_ids,
+        outputs, stats = generate_oracle(model.model, ids, params, eos_ids=model.eos_ids,
                                             tokenizer=model.tokenizer)
     return GenerationResult(
         outputs=outputs,

@@ -139,7 +139,7 @@ def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
     from dms_kernels.ops import paged_attention_op
     from dms_runtime.config import DMSConfig, ModelConfig
     from dms_runtime.paged import PagedConfig, PagedKVCache
-    from dms_runtime.paged.attention_torch import torch_paged_attention
+    from dms_runtime.paged.torch_kernels import torch_paged_attention
     from dms_runtime.paged.backends import OpKernels, TorchKernels
     from dms_runtime.paged.plan import StepPlan
     from dms_runtime.paged.step import PagedStep

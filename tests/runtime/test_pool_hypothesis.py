@@ -10,7 +10,7 @@ from dms_kernels import reference as ref
 from dms_runtime.config import DMSConfig, ModelConfig
 from dms_runtime.engine.scheduler import Scheduler
 from dms_runtime.paged import PagedConfig, PagedKVCache
-from dms_runtime.paged.attention_torch import torch_paged_attention
+from dms_runtime.paged.torch_kernels import torch_paged_attention
 from dms_runtime.paged.backends import TorchKernels
 from dms_runtime.paged.plan import StepPlan
 from dms_runtime.paged.step import PagedStep

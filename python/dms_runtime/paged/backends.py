@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .attention_torch import torch_paged_attention
+from .torch_kernels import torch_paged_attention
 
 OPS = ("projection", "prefill", "decode", "store")
 

@@ -7,13 +7,13 @@ import time
 
 import torch
 
+from ..models.decoder import DecoderLM
+from ..outputs import RequestOutput
+from ..paged.budget import PageBudget
+from ..paged.cache import PagedConfig
+from ..sampling import SamplingParams
+from ..stats import GenerationStats, KVFootprint
 from .engine import Engine
-from .models.decoder import DecoderLM
-from .outputs import RequestOutput
-from .paged.budget import PageBudget
-from .paged.cache import PagedConfig
-from .sampling import SamplingParams
-from .stats import GenerationStats, KVFootprint
 
 
 def generate_paged(
