@@ -77,9 +77,9 @@ setup(
     version="0.1.0",
     description="Dynamic Memory Sparsification: reference, kernels and runtime",
     python_requires=">=3.10",
-    packages=["dms_kernels", "dms_runtime", "dms_runtime.models", "dms_runtime.attention",
-              "dms_runtime.reference_runtime", "dms_runtime.paged", "dms_runtime.engine", "dms_runtime.retrofit",
-              "dms_runtime.serve", "dms_kernels.triton"],
+    packages=["dms_kernels", "dms_runtime", "dms_runtime.models",
+              "dms_runtime.oracle", "dms_runtime.paged", "dms_runtime.engine", "dms_runtime.retrofit",
+              "dms_runtime.serve", "dms_runtime.parallel", "dms_kernels.triton"],
     package_dir={"dms_kernels": "dms_kernels", "dms_runtime": "python/dms_runtime"},
     # the shipped DMS retrofits: adapter weights (a few hundred KB) + settings + recipe
     package_data={"dms_runtime": ["adapters/*/*.safetensors", "adapters/*/*.json", "adapters/*/*.md",

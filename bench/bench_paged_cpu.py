@@ -33,15 +33,33 @@ from dms_runtime.sampling import SamplingParams
 
 
 class ForcedDecisions:
-    """Replaces eviction logits with +1 (evict) with probability ``rate``, else -1."""
+    """A kernel set wrapping the engine's: the projection runs in torch and its eviction logits are
+    replaced by +1 (evict) with probability ``rate``, else -1; attention and store are the inner
+    set's. A benchmark device: the runtime itself has no hook for it."""
 
-    def __init__(self, rate: float, seed: int):
-        self.rate = rate
+    def __init__(self, inner, rate: float, seed: int):
+        self.inner, self.rate = inner, rate
+        self.name = f"{inner.name}+forced"
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __call__(self, layer, logits):
-        draw = torch.rand(logits.shape, generator=self.gen) < self.rate
-        return torch.where(draw, 1.0, -1.0).to(logits.device)
+    def projection(self, cfg):
+        return "torch"  # the previous key's decision is recorded from the forced logits
+
+    def ran(self, cfg, plan, dtype):
+        return {**self.inner.ran(cfg, plan, dtype), "projection": "torch"}
+
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
+        q, k, logits = attn._project(q_lin, k_lin, h_pre, cos, sin)
+        if logits is not None:
+            draw = torch.rand(logits.shape, generator=self.gen) < self.rate
+            logits = torch.where(draw, 1.0, -1.0).to(logits.device)
+        return q, k, logits
+
+    def attend(self, *args):
+        return self.inner.attend(*args)
+
+    def store(self, *args):
+        return self.inner.store(*args)
 
 
 def run(mode, batch, total, gen, args):
@@ -50,8 +68,9 @@ def run(mode, batch, total, gen, args):
     torch.manual_seed(args.seed)
     prompts = [torch.randint(0, model.config.vocab_size, (total - gen,)).tolist() for _ in range(batch)]
     cfg = PagedConfig(page_size=args.page_size, max_seqs=batch, max_model_len=total, prefill_chunk=args.chunk)
-    hook = ForcedDecisions(args.evict_rate, args.seed) if dms else None
-    engine = Engine(model, cfg, eos_ids=set(), logits_hook=hook)
+    engine = Engine(model, cfg, eos_ids=set())
+    if dms:
+        engine.runner.kernels = ForcedDecisions(engine.runner.kernels, args.evict_rate, args.seed)
     params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
     for p in prompts:
         engine.add_request(p, params)

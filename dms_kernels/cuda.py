@@ -119,6 +119,20 @@ def decode_plan(num_lists: int, group: int, head_dim: int, dtype: torch.dtype, m
     return _cuda.decode_plan(num_lists, group, head_dim, _dtype_code(dtype), max_tokens, sms)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_plan(num_lists: int, group: int, head_dim: int, dtype: torch.dtype, max_tokens: int, sms: int):
+    return decode_plan(num_lists, group, head_dim, dtype, max_tokens, sms)
+
+
+def cached_decode_plan(num_lists: int, group: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
+                       device: torch.device):
+    """:func:`decode_plan` for a step whose lengths the caller bounds on the host: made once per
+    (shape, bound) and reused by every layer of the step (no host sync)."""
+    dev = torch.device(device)
+    return _cached_plan(num_lists, group, head_dim, dtype, max_tokens,
+                        num_sms(dev.index if dev.index is not None else torch.cuda.current_device()))
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 

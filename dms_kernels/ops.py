@@ -42,6 +42,25 @@ def kernels_for(impl: str, device: torch.device) -> str:
     return "triton" if why else "cuda"
 
 
+def attention_kernels(impl: str, device: torch.device, t: int, dtype: torch.dtype, head_dim: int, group: int) -> str:
+    """The kernel set a ``paged_attention`` call runs: ``"cuda"`` (the hand-written decode) or
+    ``"triton"``. The op's CUDA-key kernel routes by it, and the runtime reports it per op."""
+    if kernels_for(impl, device) != "cuda":  # off a CUDA device: "triton" (or an error for "cuda")
+        return "triton"
+    from . import cuda
+
+    return "cuda" if t == 1 and group >= 1 and cuda.decode_supported(dtype, head_dim, group) else "triton"
+
+
+def store_kernels(impl: str, device: torch.device, dtype: torch.dtype, pool_dtype: torch.dtype, head_dim: int) -> str:
+    """The kernel set a ``paged_store`` call runs (see :func:`attention_kernels`)."""
+    if kernels_for(impl, device) != "cuda":
+        return "triton"
+    from . import cuda
+
+    return "cuda" if cuda.store_supported(dtype, head_dim) and pool_dtype == dtype else "triton"
+
+
 @torch.library.custom_op("dms::paged_attention", mutates_args=())
 def paged_attention(
     q: torch.Tensor,
@@ -58,50 +77,56 @@ def paged_attention(
     window: int,
     ring_pages: int,
     scale: float | None = None,
+    max_tokens: int = -1,
     impl: str = "auto",
 ) -> torch.Tensor:
     """DMS attention of new tokens over a paged cache (see docs/ARCHITECTURE.md): the split-K
     decode kernel for one token per sequence, the chunk kernel otherwise. Returns q's shape.
-    This body is the Triton kernel set (off CUDA: under the interpreter)."""
+    ``max_tokens``: a host bound on the tokens any list holds (ring + kept), from which decode
+    plans its splits; -1 reads it from the device (one host sync). This body is the Triton kernel
+    set (off CUDA: under the interpreter)."""
     _runnable(q)
     kernels_for(impl, q.device)  # validates impl; "cuda" is refused off a CUDA device
     return _triton_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,
-                             window, ring_pages, scale)
+                             window, ring_pages, scale, max_tokens)
 
 
 def _triton_attention(*args):
     from .triton.attention_op import triton_paged_attention
 
-    return triton_paged_attention(*args)
+    *args, max_tokens = args
+    return triton_paged_attention(*args, max_tokens=None if max_tokens < 0 else max_tokens)
 
 
 @paged_attention.register_kernel("cuda")
 def paged_attention_cuda(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window, ring_pages,
-      scale=None, impl="auto"):
+      scale=None, max_tokens=-1, impl="auto"):
     args = (q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window,
-            ring_pages, scale)
-    if kernels_for(impl, q.device) == "cuda":
-        b, hq, t, d = q.shape
-        h = k_new.shape[1]
+            ring_pages, scale, max_tokens)
+    b, hq, t, d = q.shape
+    h = k_new.shape[1]
+    if h and hq % h == 0 and attention_kernels(impl, q.device, t, q.dtype, d, hq // h) == "cuda":
         from . import cuda
 
-        if t == 1 and h and hq % h == 0 and cuda.decode_supported(q.dtype, d, hq // h):
-            return cuda.paged_decode_attention(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k_pool, v_pool, table,
-                                               starts, kept_len, window, ring_pages, scale=scale)[:, :, None]
+        planned = {}
+        if max_tokens >= 0:  # the same plan for every layer of a step (cached by its arguments): no host sync
+            planned["plan"] = cuda.cached_decode_plan(b * h, hq // h, d, q.dtype, max_tokens, q.device)
+        return cuda.paged_decode_attention(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k_pool, v_pool, table,
+                                           starts, kept_len, window, ring_pages, scale=scale, **planned)[:, :, None]
     return _triton_attention(*args)
 
 
 @paged_attention.register_fake
 def _(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window, ring_pages,
-      scale=None, impl="auto"):
+      scale=None, max_tokens=-1, impl="auto"):
     return torch.empty_like(q)
 
 
 def paged_attention_op(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,
-                       window, ring_pages, scale=None, impl="auto"):
+                       window, ring_pages, scale=None, max_tokens=-1, impl="auto"):
     """The paged runtime's attention signature, through ``torch.ops.dms.paged_attention``."""
     return torch.ops.dms.paged_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len,
-                                         ring_evict, window, ring_pages, scale, impl)
+                                         ring_evict, window, ring_pages, scale, max_tokens, impl)
 
 
 @torch.library.custom_op("dms::paged_store", mutates_args=("k_pool", "v_pool", "ring_evict"))
@@ -141,11 +166,10 @@ def paged_store_cuda(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_e
       impl="auto"):
     args = (k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
             ring_pages)
-    if kernels_for(impl, k_new.device) == "cuda":
+    if store_kernels(impl, k_new.device, k_new.dtype, k_pool.dtype, k_new.shape[-1]) == "cuda":
         from . import cuda
 
-        if cuda.store_supported(k_new.dtype, k_new.shape[-1]) and k_pool.dtype == k_new.dtype:
-            return cuda.paged_store(*args)
+        return cuda.paged_store(*args)
     _triton_store(*args)
 
 

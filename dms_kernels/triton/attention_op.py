@@ -1,6 +1,6 @@
 """Paged DMS attention with the Triton kernels: the split-K decode kernel for one new token per
 sequence, the chunk kernel otherwise. Same signature as the torch implementation
-(``dms_runtime.paged.attention_torch.torch_paged_attention``)."""
+(``dms_runtime.paged.torch_kernels.torch_paged_attention``)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ def _check_inputs(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, tab
 
 
 def triton_paged_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,
-                           window: int, ring_pages: int, scale: float | None = None):
+                           window: int, ring_pages: int, scale: float | None = None, max_tokens: int | None = None):
+    """``max_tokens``: a host bound on the tokens any list holds (ring + kept) for the decode
+    split plan; None reads it from the device (one host sync)."""
     _check_inputs(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window)
     b, hq, t, d = q.shape
     h = k_new.shape[1]
@@ -59,7 +61,7 @@ def triton_paged_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_
     if t == 1:
         n_ring = torch.clamp(starts, max=window)
         out = paged_decode_attention(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k_pool, v_pool, table, n_ring,
-                                     kept_len, ring_pages, scale=scale)
+                                     kept_len, ring_pages, scale=scale, n_max=max_tokens)
         return out[:, :, None]
     g = hq // h
     block_m, block_n, block_g, warps = prefill_config(q.dtype, d, g)

@@ -37,11 +37,14 @@ def _check(name, t, ndim, dtype=None, device=None):
 
 
 def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_len, ring_pages: int,
-                           scale: float | None = None, block_n: int | None = None):
+                           scale: float | None = None, block_n: int | None = None, n_max: int | None = None):
     """One new query per sequence over its held tokens plus its own new key.
 
     q ``[B, Hq, D]``; k_new/v_new ``[B, H, D]``; k_pool/v_pool ``[P, PS, D]``; table ``[B, H, TW]``
-    int64 page ids; n_ring ``[B]`` int64 ring tokens held; kept_len ``[B, H]`` int64.
+    int64 page ids; n_ring ``[B]`` int64 ring tokens held; kept_len ``[B, H]`` int64. ``n_max``: a
+    host bound on ``n_ring + kept_len`` (e.g. the engine's step plan, the same for every layer);
+    None reads the longest list from the device (one host sync). A loose bound only launches
+    splits that find nothing (weight 0 in the merge).
     Returns ``[B, Hq, D]`` in q's dtype.
     """
     _check("q", q, 3, (torch.float32, torch.float16, torch.bfloat16))
@@ -72,7 +75,8 @@ def paged_decode_attention(q, k_new, v_new, k_pool, v_pool, table, n_ring, kept_
     q = q.contiguous()
     tab = table.reshape(b * h, -1).contiguous()
     kept = kept_len.reshape(-1).contiguous()
-    n_max = int((n_ring[:, None] + kept_len).max()) if b else 0
+    if n_max is None:
+        n_max = int((n_ring[:, None] + kept_len).max()) if b else 0
     split = plan_splits(n_max, b * h, block_n=block_n)
     s = max(1, math.ceil(n_max / split))
     acc = torch.empty((b * h, s, g, d), dtype=torch.float32, device=dev)

@@ -15,8 +15,8 @@ from . import validation as V
 from .models.loading import load_model, load_named_weights, read_json
 from .outputs import RequestOutput
 from .paged.cache import PagedConfig
-from .paged_generate import generate_paged
-from .reference_runtime.generate import generate_reference
+from .engine.generate import generate_paged
+from .oracle.generate import generate_oracle
 from .sampling import SamplingParams
 from .stats import GenerationStats
 
@@ -222,7 +222,7 @@ def generate(
     ``stop``, ``stop_token_ids``, ``ignore_eos``).
 
     ``backend``: ``"paged"`` (default: the serving engine over the paged DMS cache) or
-    ``"reference"`` (dense cache + the reference definition; the oracle). ``n`` samples per prompt
+    ``"oracle"`` (dense cache + the reference definition). ``n`` samples per prompt
     (paged only) share the prompt's pages; outputs are then prompt-major. ``paged`` sizes the pool
     (of each rank, with tensor parallelism).
 
@@ -266,12 +266,12 @@ def _generate(model: LoadedModel, prompts, params, *, chat, backend, n, paged, *
         raise V.SettingTypeError(f"paged: expected a PagedConfig, got {type(paged).__name__}")
     if chat is not None:
         V.boolean("chat", chat)
-    if backend not in ("paged", "reference"):
-        raise ValueError(f"backend: expected 'paged' or 'reference', got {backend!r}")
-    if backend == "reference" and (n != 1 or paged is not None):
+    if backend not in ("paged", "oracle"):
+        raise ValueError(f"backend: expected 'paged' or 'oracle', got {backend!r}")
+    if backend == "oracle" and (n != 1 or paged is not None):
         raise ValueError("n / paged: only the paged backend takes them")
-    if backend == "reference" and getattr(model.model, "tp", None) is not None:
-        raise ValueError("backend: the reference runtime runs on one process; tensor parallelism needs 'paged'")
+    if backend == "oracle" and getattr(model.model, "tp", None) is not None:
+        raise ValueError("backend: the oracle runtime runs on one process; tensor parallelism needs 'paged'")
     ids = encode_prompts(model, prompts, chat)
     ctx = model.config.max_position_embeddings
     for i, p in enumerate(ids):
@@ -284,7 +284,7 @@ def _generate(model: LoadedModel, prompts, params, *, chat, backend, n, paged, *
         outputs, stats = generate_paged(model.model, ids, params, eos_ids=model.eos_ids, tokenizer=model.tokenizer,
                                         n=n, config=paged)
     else:
-        outputs, stats = generate_reference(model.model, ids, params, eos_ids=model.eos_ids,
+        outputs, stats = generate_oracle(model.model, ids, params, eos_ids=model.eos_ids,
                                             tokenizer=model.tokenizer)
     return GenerationResult(
         outputs=outputs,

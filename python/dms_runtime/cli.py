@@ -31,8 +31,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--dms-window", type=cli_int(1, V.MAX_WINDOW), default=None,
                    help="give or override the DMS delay window")
     p.add_argument("--no-eviction", action="store_true", help="run a DMS model with eviction off")
-    p.add_argument("--backend", default="paged", choices=["paged", "reference"],
-                   help="paged (the serving engine, default) or reference (the dense oracle)")
+    p.add_argument("--backend", default="paged", choices=["paged", "oracle"],
+                   help="paged (the serving engine, default) or oracle (the dense cache the paged runtime is tested against)")
     p.add_argument("--samples", type=cli_int(1, V.MAX_SAMPLES), default=1,
                    help="parallel samples per prompt (paged; share prompt pages)")
     p.add_argument("--page-size", type=cli_int(1, V.MAX_PAGE_SIZE), default=16)

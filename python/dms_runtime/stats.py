@@ -48,7 +48,8 @@ class GenerationStats:
     kv: KVFootprint
     eviction: bool  # whether the model evicts (a DMS model with eviction on)
     window: int | None
-    backend: str = "reference"
+    backend: str = "oracle"
+    kernels: dict = field(default_factory=dict)  # op -> implementation that ran it (paged runtime)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

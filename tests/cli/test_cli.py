@@ -48,5 +48,5 @@ def test_stream_and_samples(tiny_with_tokenizer, capsys):
 
 
 def test_reference_backend_from_the_cli(tiny_with_tokenizer, capsys):
-    rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "2", "--backend", "reference", "--json", "Hi"])
-    assert rc == 0 and json.loads(capsys.readouterr().out)["stats"]["backend"] == "reference"
+    rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "2", "--backend", "oracle", "--json", "Hi"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["stats"]["backend"] == "oracle"

@@ -136,11 +136,19 @@ def test_store_moves_what_the_triton_store_moves(dtype, d, v_view, t):
 def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
     """Prefill chunks and decode steps through PagedStep: the CUDA ops against the torch
     attention on the same cache, and a twin cache stored by torch indexing holds the same bytes."""
-    from dms_kernels.ops import paged_attention_op, paged_store_op
+    from dms_kernels.ops import paged_attention_op
     from dms_runtime.config import DMSConfig, ModelConfig
     from dms_runtime.paged import PagedConfig, PagedKVCache
-    from dms_runtime.paged.attention_torch import torch_paged_attention
+    from dms_runtime.paged.torch_kernels import torch_paged_attention
+    from dms_runtime.paged.backends import OpKernels, TorchKernels
+    from dms_runtime.paged.plan import StepPlan
     from dms_runtime.paged.step import PagedStep
+
+    class Checked(OpKernels):
+        def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict):
+            args = (q, k, v, new_evict, plan.n_new, plan.starts, cache.k_pool, cache.v_pool, plan.tables[layer],
+                    plan.kept0[layer], ring_evict, cache.w, cache.R)
+            return checked(*args, max_tokens=plan.max_tokens)
 
     L, HQ, H, w = 2, 8, 2, 20
     cfg = ModelConfig(arch="llama", vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=L, num_heads=HQ,
@@ -150,8 +158,8 @@ def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
     pcfg = PagedConfig(page_size=16, max_seqs=3, num_pages=600)
     ours, twin = (PagedKVCache(cfg, pcfg, dtype, "cuda", 512) for _ in range(2))
 
-    def checked(*args):
-        got = paged_attention_op(*args, impl="cuda")
+    def checked(*args, max_tokens=-1):
+        got = paged_attention_op(*args, max_tokens=max_tokens, impl="cuda")
         exp = torch_paged_attention(*args)
         n_new = args[4].tolist()
         for i, n in enumerate(n_new):  # right padding past n_new is undefined
@@ -161,20 +169,19 @@ def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
     torch.manual_seed(0)
     lengths = torch.zeros(3, dtype=torch.int64)
     for chunk in [(13, 1, 40)] + [(1, 1, 1)] * 30 + [(7, 1, 1)] + [(1, 1, 1)] * 10:
-        slots = torch.arange(3, device="cuda")
-        n_new = torch.tensor(chunk, device="cuda")
-        starts = lengths.cuda()
         t = max(chunk)
-        step = PagedStep(ours, slots, starts, n_new, checked, store=lambda *a: paged_store_op(*a, impl="cuda"))
-        step_twin = PagedStep(twin, slots, starts, n_new, torch_paged_attention)
+        plan = StepPlan.build(ours, [0, 1, 2], lengths.tolist(), list(chunk))
+        plan_twin = StepPlan.build(twin, [0, 1, 2], lengths.tolist(), list(chunk))
+        step = PagedStep(ours, plan, Checked("cuda"))
+        step_twin = PagedStep(twin, plan_twin, TorchKernels())
         for layer in range(L):
             q = torch.randn(3, HQ, t, d, device="cuda", dtype=dtype)
             k, v = torch.randn(2, 3, H, t, d, device="cuda", dtype=dtype)
             logits = torch.where(torch.rand(3, H, t, device="cuda") < 0.7, 1.0, -1.0)
             step.attend(layer, q, k, v, logits)
             step_twin.attend(layer, q, k, v, logits)
-        for c in (ours, twin):
-            c.seq_len[:3] += n_new
+        ours.finish_step(plan)
+        twin.finish_step(plan_twin)
         lengths += torch.tensor(chunk)
         assert torch.equal(ours.page_table, twin.page_table) and torch.equal(ours.kept_len, twin.kept_len)
         assert torch.equal(ours.ring_evict, twin.ring_evict)
@@ -186,10 +193,10 @@ def test_cuda_ops_inside_the_paged_cache_match_torch_attention(dtype, d):
 
 def test_auto_picks_cuda_and_triton_stays_forcible(tiny_factory):
     import dms_runtime as dr
-    from dms_runtime.paged.backends import select
+    from dms_runtime.paged.backends import resolve
 
-    assert select("auto", torch.device("cuda"))[0] == "cuda"
-    assert select("triton", torch.device("cuda"))[0] == "triton"
+    assert resolve("auto", torch.device("cuda")).name == "cuda"
+    assert resolve("triton", torch.device("cuda")).name == "triton"
     folder, _ = tiny_factory(arch="qwen3", hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
                              head_dim=64, extra_config={"dms_window_size": 8, "dms_initial_alpha_offset": 0.0})
     lm = dr.load(folder, dtype="bfloat16", device="cuda")
@@ -198,6 +205,8 @@ def test_auto_picks_cuda_and_triton_stays_forcible(tiny_factory):
     tri = dr.generate(lm, ps, max_new_tokens=12, ignore_eos=True,
                       paged=dr.PagedConfig(attention="triton", page_size=16, max_seqs=3))
     assert got.stats.backend == "paged/cuda" and tri.stats.backend == "paged/triton"
+    assert got.stats.kernels == {"projection": "triton", "prefill": "triton", "decode": "cuda", "store": "cuda"}
+    assert set(tri.stats.kernels.values()) == {"triton"}
     assert [len(t) for t in got.token_ids] == [12, 12, 12]
     # bf16 on a random tiny model: most greedy tokens agree with the Triton path
     same = sum(a == b for x, y in zip(got.token_ids, tri.token_ids) for a, b in zip(x, y))

@@ -88,13 +88,13 @@ def test_cuda_key_routes_covered_calls_to_the_hand_written_kernels(impl, monkeyp
     monkeypatch.setattr(ops, "kernels_for", lambda impl_, dev: "cuda" if impl_ in ("auto", "cuda") else "triton")
     monkeypatch.setattr(dcuda, "paged_decode_attention", rec.decode)
     monkeypatch.setattr(dcuda, "paged_store", rec.store)
-    out = ops.paged_attention_cuda(*attention_args(t=1), None, impl)
+    out = ops.paged_attention_cuda(*attention_args(t=1), None, impl=impl)
     assert rec.calls == [("decode", (2, 4, 64))] and out.shape == (2, 4, 1, 64) and bool((out == 7).all())
     for args in (attention_args(t=3), attention_args(t=1, dtype=torch.float32), attention_args(t=1, d=16)):
         rec.calls.clear()
-        got = ops.paged_attention_cuda(*args, None, impl)
+        got = ops.paged_attention_cuda(*args, None, impl=impl)
         assert rec.calls == []
-        torch.testing.assert_close(got, ops.paged_attention_cuda(*args, None, "triton"), rtol=0, atol=0)
+        torch.testing.assert_close(got, ops.paged_attention_cuda(*args, None, impl="triton"), rtol=0, atol=0)
         assert torch.isfinite(got.float()).all()
     rec.calls.clear()
     ops.paged_store_cuda(*store_args(dtype=torch.float16, d=64), impl)
@@ -109,9 +109,9 @@ def test_cuda_key_routes_covered_calls_to_the_hand_written_kernels(impl, monkeyp
 def test_the_op_on_cpu_runs_triton_and_refuses_cuda():
     args = attention_args(t=2, dtype=torch.float32, d=16)
     auto = torch.ops.dms.paged_attention(*args, None)
-    torch.testing.assert_close(torch.ops.dms.paged_attention(*args, None, "triton"), auto, rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.dms.paged_attention(*args, None, impl="triton"), auto, rtol=0, atol=0)
     with pytest.raises(ValueError, match="impl: 'cuda' cannot run here"):
-        torch.ops.dms.paged_attention(*args, None, "cuda")
+        torch.ops.dms.paged_attention(*args, None, impl="cuda")
     with pytest.raises(ValueError, match="impl: 'cuda' cannot run here"):
         ops.paged_store_op(*store_args(), impl="cuda")
     with pytest.raises(ValueError, match="impl: expected one of"):
@@ -119,15 +119,20 @@ def test_the_op_on_cpu_runs_triton_and_refuses_cuda():
 
 
 def test_backends_are_the_same_op_with_impl_forced(monkeypatch):
+    from types import SimpleNamespace
+
     from dms_runtime.paged import backends
 
     seen = []
     monkeypatch.setattr(ops, "paged_attention_op", lambda *a, **k: seen.append(("attention", k["impl"])))
     monkeypatch.setattr(ops, "paged_store_op", lambda *a, **k: seen.append(("store", k["impl"])))
+    cache = SimpleNamespace(k_pool=0, v_pool=0, page_table=0, ring_evict=0, w=4, R=1)
+    plan = SimpleNamespace(n_new=0, starts=0, tables=[0], kept0=[0], max_tokens=3)
     for name in ("triton", "cuda"):
-        backends._REGISTRY[name].fn(1, 2)
-        backends.store_for(name)(1, 2)
+        kernels = backends.OpKernels(name)
+        kernels.attend(cache, plan, 0, 1, 2, 3, 4, 5)
+        kernels.store(cache, plan, 0, 1, 2, 3, 4, 5)
     assert seen == [("attention", "triton"), ("store", "triton"), ("attention", "cuda"), ("store", "cuda")]
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend 'cuda' cannot run on cpu .*CUDA tensors"):
-            backends.select("cuda", torch.device("cpu"))
+            backends.resolve("cuda", torch.device("cpu"))

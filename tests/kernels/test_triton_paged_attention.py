@@ -1,6 +1,6 @@
 """The Triton paged attention (chunk kernel + split-K decode kernel) inside the paged cache, under
 random traffic, against dms_kernels.reference over each sequence's full history; and the paged
-runtime end to end through it (same tokens as the reference runtime)."""
+runtime end to end through it (same tokens as the oracle runtime)."""
 
 import os
 import sys
@@ -69,7 +69,7 @@ def test_paged_runtime_through_triton_gives_reference_tokens(tiny_factory, arch,
             for layer in lm.model.model.layers:
                 layer.self_attn.dms_proj_alpha.weight.normal_(0, 0.05)
     ps = [torch.randint(0, 131, (n,)).tolist() for n in (9, 17, 3)]
-    ref = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True, backend="reference")
+    ref = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True, backend="oracle")
     got = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True,
                       paged=dr.PagedConfig(attention="triton", page_size=4, prefill_chunk=6, max_seqs=3))
     assert got.stats.backend == "paged/triton"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dms_kernels import reference as ref
-from dms_runtime.attention import FullSequenceAttention
+from dms_runtime.models.full_sequence import FullSequenceAttention
 from dms_runtime.config import DMSConfig
 from dms_runtime.models import load_model
 from dms_runtime.models.layers import apply_rotary

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dms_runtime.attention import FullSequenceAttention
+from dms_runtime.models.full_sequence import FullSequenceAttention
 from dms_runtime.models import load_model
 
 CASES = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dms_runtime as dr
-from dms_runtime.attention import FullSequenceAttention
+from dms_runtime.models.full_sequence import FullSequenceAttention
 
 pytestmark = pytest.mark.slow
 

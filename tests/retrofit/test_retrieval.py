@@ -221,7 +221,7 @@ def test_policy_cache_checks_its_calls():
 def test_policy_generation_with_room_for_everything_is_vanilla(tiny_with_tokenizer):
     lm = dr.load(tiny_with_tokenizer)
     prompt = list(range(5, 45))
-    want = dr.generate(lm, [prompt], max_new_tokens=6, backend="reference", ignore_eos=True).token_ids[0]
+    want = dr.generate(lm, [prompt], max_new_tokens=6, backend="oracle", ignore_eos=True).token_ids[0]
     for policy in ("streaming", "tova", "h2o", "quest"):
         got, backend = policy_generate(lm.model, prompt, policy, 64, 6)
         assert got == want, policy

@@ -35,7 +35,7 @@ def lm(folder):
 @pytest.fixture(scope="module")
 def baseline(lm):
     tokens = dr.generate(lm, [PROMPT], **GOOD).token_ids
-    assert dr.generate(lm, [PROMPT], backend="reference", **GOOD).token_ids == tokens
+    assert dr.generate(lm, [PROMPT], backend="oracle", **GOOD).token_ids == tokens
     return tokens
 
 
@@ -44,7 +44,7 @@ def still_good(lm, baseline):
     """After the bad call: the same model makes the same tokens (sampled: a lost generator would show).
     The reference backend is the cheaper check; the engine tests run the paged one."""
     yield
-    assert dr.generate(lm, [PROMPT], backend="reference", **GOOD).token_ids == baseline
+    assert dr.generate(lm, [PROMPT], backend="oracle", **GOOD).token_ids == baseline
 
 
 def mutated(**changes):
@@ -156,7 +156,7 @@ def test_a_huge_window_neither_hangs_nor_allocates(folder, still_good):
     args = dict(max_new_tokens=6, ignore_eos=True)
     out = dr.generate(wide, [PROMPT], **args).token_ids
     assert out == dr.generate(longer, [PROMPT], **args).token_ids
-    assert out == dr.generate(wide, [PROMPT], backend="reference", **args).token_ids
+    assert out == dr.generate(wide, [PROMPT], backend="oracle", **args).token_ids
     engine = Engine(wide.model, PagedConfig(page_size=4, max_seqs=2))
     assert engine.cache.w == wide.config.max_position_embeddings
 

@@ -1,4 +1,4 @@
-"""The reference runtime: cached decoding equals the definition; batching, sampling, stopping, stats."""
+"""The oracle runtime: cached decoding equals the definition; batching, sampling, stopping, stats."""
 
 import functools
 
@@ -7,7 +7,7 @@ import torch
 
 import dms_runtime as dr
 from dms_kernels import reference as ref
-from dms_runtime.attention import FullSequenceAttention
+from dms_runtime.models.full_sequence import FullSequenceAttention
 from dms_runtime.sampling import Sampler, SamplingParams
 
 # offset 0: the logit's sign is the sign of a q channel, so about half of all tokens are evicted
@@ -18,9 +18,9 @@ def prompts(n, lo=1, hi=30, vocab=131):
     return [torch.randint(0, vocab, (int(torch.randint(lo, hi + 1, ())),)).tolist() for _ in range(n)]
 
 
-@pytest.fixture(params=["paged", "reference"])
+@pytest.fixture(params=["paged", "oracle"])
 def gen(request):
-    """generate() through each runtime: the paged engine and the reference oracle."""
+    """generate() through each runtime: the paged engine and the dense oracle."""
     return functools.partial(dr.generate, backend=request.param)
 
 

@@ -1,4 +1,4 @@
-"""The paged runtime gives the reference runtime's tokens; engine features: continuous batching,
+"""The paged runtime gives the oracle runtime's tokens; engine features: continuous batching,
 chunked prefill, forks sharing pages, preemption, pool limits."""
 
 import pytest
@@ -41,7 +41,7 @@ def lm(request, tmp_path_factory):
 @pytest.mark.parametrize("batch,page_size,chunk", [(1, 16, 512), (3, 1, 7), (5, 5, 16), (16, 16, 13), (16, 3, 512)])
 def test_same_tokens_as_reference(lm, batch, page_size, chunk):
     ps = prompts(batch, 2 * W, 5 * W)  # prompt + 24 generated >= 4 windows
-    ref = dr.generate(lm, ps, max_new_tokens=24, ignore_eos=True, backend="reference")
+    ref = dr.generate(lm, ps, max_new_tokens=24, ignore_eos=True, backend="oracle")
     got = dr.generate(lm, ps, max_new_tokens=24, ignore_eos=True,
                       paged=PagedConfig(page_size=page_size, prefill_chunk=chunk, max_seqs=batch))
     assert got.token_ids == ref.token_ids
@@ -55,7 +55,7 @@ def test_same_tokens_as_reference(lm, batch, page_size, chunk):
 
 def test_continuous_batching_with_arrivals(lm):
     ps = prompts(6, 3, 40)
-    ref = dr.generate(lm, ps, max_new_tokens=20, ignore_eos=True, backend="reference")
+    ref = dr.generate(lm, ps, max_new_tokens=20, ignore_eos=True, backend="oracle")
     eng = Engine(lm.model, PagedConfig(page_size=4, prefill_chunk=9, max_seqs=4, max_model_len=64))
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     ids, streamed, i = [], {}, 0
@@ -102,7 +102,7 @@ def test_greedy_samples_all_equal_and_majority_vote():
 def test_preemption_recomputes_and_keeps_tokens(lm):
     # five short prompts are all admitted, then grow past the pool: someone must be preempted
     ps = prompts(5, 4, 4)
-    ref = dr.generate(lm, ps, max_new_tokens=40, ignore_eos=True, backend="reference")
+    ref = dr.generate(lm, ps, max_new_tokens=40, ignore_eos=True, backend="oracle")
     L, H = lm.config.num_layers, lm.config.num_kv_heads
     pages = L * H * 25  # about 100 tokens per list in all, for 5 sequences of 44 tokens
     eng = Engine(lm.model, PagedConfig(page_size=4, prefill_chunk=16, max_seqs=5, max_model_len=64, num_pages=pages))

@@ -10,7 +10,9 @@ from dms_kernels import reference as ref
 from dms_runtime.config import DMSConfig, ModelConfig
 from dms_runtime.engine.scheduler import Scheduler
 from dms_runtime.paged import PagedConfig, PagedKVCache
-from dms_runtime.paged.attention_torch import torch_paged_attention
+from dms_runtime.paged.torch_kernels import torch_paged_attention
+from dms_runtime.paged.backends import TorchKernels
+from dms_runtime.paged.plan import StepPlan
 from dms_runtime.paged.step import PagedStep
 
 L, HQ, H, D, MAX_LEN = 2, 4, 2, 4, 48
@@ -42,6 +44,24 @@ class History:
         return self.k[0].shape[1]
 
 
+class FnKernels(TorchKernels):
+    """The torch kernel set with its attention (and store mover) replaced by plain functions of the
+    kernels' signatures, e.g. the Triton wrappers called directly."""
+
+    def __init__(self, attention, store=None):
+        self.attention, self.mover = attention, store
+
+    def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict):
+        return self.attention(q, k, v, new_evict, plan.n_new, plan.starts, cache.k_pool, cache.v_pool,
+                              plan.tables[layer], plan.kept0[layer], ring_evict, cache.w, cache.R)
+
+    def store(self, cache, plan, layer, lists, k, v, new_evict, keep):
+        if self.mover is None:
+            return super().store(cache, plan, layer, lists, k, v, new_evict, keep)
+        self.mover(k, v, new_evict, cache.k_pool, cache.v_pool, cache.page_table, cache.ring_evict, lists,
+                   plan.kept0[layer], plan.starts, plan.n_new, cache.w, cache.R)
+
+
 class Harness:
     def __init__(self, window, page_size, num_pages, max_seqs, attention=torch_paged_attention, d=D,
                  dtype=torch.float64, tol=1e-9, store=None):
@@ -59,8 +79,8 @@ class Harness:
         slots = sorted(chunks)
         b, t = len(slots), max(chunks.values())
         starts = torch.tensor([self.seqs[s].length for s in slots])
-        n_new = torch.tensor([chunks[s] for s in slots])
-        step = PagedStep(self.cache, torch.tensor(slots), starts, n_new, self.attention, store=self.store)
+        plan = StepPlan.build(self.cache, slots, starts.tolist(), [chunks[s] for s in slots])
+        step = PagedStep(self.cache, plan, FnKernels(self.attention, self.store))
         for layer in range(L):
             dt = self.cache.dtype
             q = torch.randn(b, HQ, t, self.d, dtype=dt)
@@ -85,7 +105,7 @@ class Harness:
                 exp = ref.dms_attention_cached(q[i : i + 1, :, :n], hist.k[layer][None], hist.v[layer][None], dec,
                                                self.w, (int(starts[i]) + torch.arange(n))[None], torch.tensor([end]))
                 torch.testing.assert_close(out[i : i + 1, :, :n], exp, rtol=self.tol, atol=self.tol)
-        self.cache.seq_len[torch.tensor(slots)] += n_new
+        self.cache.finish_step(plan)
         self.check()
 
     def new_history(self):
@@ -134,7 +154,7 @@ def random_traffic(data, hx, evict_p, max_steps=14):
                 hx.step(chunks, evict_p)
         elif action == "fork" and running and hx.free_slots:
             parent = data.draw(st.sampled_from(running), label="parent")
-            if hx.seqs[parent].length and hx.sched.fork_pages() <= hx.cache.free_top:
+            if hx.seqs[parent].length and hx.cache.budget.fork_pages() <= hx.cache.free_top:
                 child = hx.free_slots.pop()
                 hx.cache.fork(parent, child)
                 hx.seqs[child] = hx.seqs[parent].copy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -12,11 +12,11 @@ import torch
 from .. import validation as V
 from ..models.decoder import DecoderLM
 from ..outputs import RequestOutput, StopChecker, non_finite_error
-from ..paged.backends import project_for, select, store_for
+from ..paged.backends import resolve
 from ..paged.cache import PagedConfig, PagedKVCache
-from ..paged.step import PagedStep
-from ..sampling import Sampler, SamplingParams
+from ..sampling import SamplingParams
 from .request import FINISHED, RUNNING, WAITING, Request
+from .runner import ModelRunner
 from .scheduler import Scheduler
 
 
@@ -40,6 +40,7 @@ class EngineStats:
     kv_bytes_read_dense: int = 0  # what a dense cache of the same positions would read
     decode_kv_bytes_read: int = 0  # the part of kv_bytes_read read by decode steps
     peak_dense_bytes: int = 0  # the largest dense cache the running sequences would need
+    kernels: dict[str, str] = field(default_factory=dict)  # op -> what ran it (projection, prefill, decode, store)
 
 
 class Engine:
@@ -55,7 +56,7 @@ class Engine:
     """
 
     def __init__(self, model: DecoderLM, config: PagedConfig | None = None, *, eos_ids: set[int] | None = None,
-                 tokenizer=None, logits_hook=None, tensor_parallel: int | None = None):
+                 tokenizer=None, tensor_parallel: int | None = None):
         self.model = model
         if config is not None and not isinstance(config, PagedConfig):
             raise V.SettingTypeError(f"config: expected a PagedConfig, got {type(config).__name__}")
@@ -67,12 +68,10 @@ class Engine:
         max_len = self.config.max_model_len or cfg.max_position_embeddings
         self.cache = PagedKVCache(cfg, self.config, model.dtype, model.device, max_len)
         self.scheduler = Scheduler(self.cache, self.config.prefill_chunk)
-        self.attention_name, self.attention = select(self.config.attention, model.device)
-        self.store = store_for(self.attention_name)
-        self.project = project_for(self.attention_name)
+        # the kernel set, resolved once ("auto" included); the runner runs every step with it
+        self.runner = ModelRunner(model, self.cache, resolve(self.config.attention, model.device))
         self.eos_ids = set(eos_ids or cfg.eos_token_ids)
         self.tokenizer = tokenizer
-        self.logits_hook = logits_hook  # replaces eviction logits, e.g. forced decisions in benchmarks
         self.requests: dict[int, Request] = {}
         self.outputs: dict[int, RequestOutput] = {}
         self.stats = EngineStats()
@@ -98,7 +97,7 @@ class Engine:
         if total > self.cache.max_model_len:
             raise ValueError(f"prompt_ids: {len(prompt_ids)} prompt tokens + max_new_tokens={params.max_new_tokens} "
                              f"exceed max_model_len={self.cache.max_model_len}")
-        worst = self.scheduler.worst_case_pages(total)
+        worst = self.cache.budget.worst_case_pages(total)
         if worst > self.cache.P:
             raise ValueError(
                 f"request: {total} tokens may need up to {worst} pages (nothing evicted), but the whole pool has "
@@ -123,6 +122,11 @@ class Engine:
         self.scheduler.add(parent)
         return [r.id for r in reqs]
 
+    @property
+    def attention_name(self) -> str:
+        """The kernel set this engine runs (``PagedConfig.attention`` resolved)."""
+        return self.runner.kernels.name
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -138,26 +142,15 @@ class Engine:
         if batch is None:
             return []
         t0 = time.perf_counter()
-        dev = self.model.device
         reqs, chunks = batch.requests, batch.chunks
-        b, t = len(reqs), max(chunks)
-        ids = torch.zeros((b, t), dtype=torch.int64)
-        for i, (r, n) in enumerate(zip(reqs, chunks)):
-            ids[i, :n] = torch.tensor(r.tokens[r.num_computed : r.num_computed + n])
-        starts = torch.tensor([r.num_computed for r in reqs], dtype=torch.int64, device=dev)
-        n_new = torch.tensor(chunks, dtype=torch.int64, device=dev)
-        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64, device=dev)
-        positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
-        step = PagedStep(self.cache, slots, starts, n_new, self.attention, self.logits_hook, self.store, self.project)
         try:
-            logits = self.model(ids.to(dev), positions, step, logits_index=n_new - 1)[:, 0].float()
-            finite = torch.isfinite(logits).all(-1).tolist()
+            result = self.runner.run(reqs, chunks)
         except Exception as exc:  # the cache may hold part of this step: these requests end here
             return [self._finish(req, "error", exc) for r in reqs for req in [r] + self._drop_forks(r)]
-        self.cache.seq_len[slots] += n_new
+        logits, finite, read = result.logits, result.finite, result.kv_bytes_read
 
         st = self.stats
-        read = step.bytes_read
+        st.kernels = self.runner.report()
         st.kv_bytes_read += read
         st.kv_bytes_read_dense += sum(r.num_computed for r in reqs) * self.cache.L * self.cache.H * self.cache.token_bytes
         for r, n in zip(reqs, chunks):
@@ -228,7 +221,7 @@ class Engine:
         sch, made = self.scheduler, []
         for child in parent.pending_forks:
             child.tokens = list(parent.tokens)
-            if sch.free_slots and sch.fork_pages() <= self.cache.free_top:
+            if sch.free_slots and self.cache.budget.fork_pages() <= self.cache.free_top:
                 child.slot = sch.take_slot()
                 self.cache.fork(parent.slot, child.slot)
                 child.num_computed = parent.num_computed
@@ -242,7 +235,7 @@ class Engine:
 
     def _sample(self, req: Request, logits_row: torch.Tensor) -> StepOutput:
         try:
-            token = Sampler.draw(req.params, logits_row, req.generator)
+            token = self.runner.sample(req, logits_row)
             reason = req.stops.check(req.generated + [token])
         except Exception as exc:
             return self._finish(req, "error", exc)

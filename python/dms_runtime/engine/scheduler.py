@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 
-from ..paged.cache import PagedKVCache, worst_case_pages
+from ..paged.cache import PagedKVCache
 from .request import FINISHED, RUNNING, WAITING, Request
 
 
@@ -34,21 +33,9 @@ class Scheduler:
     # ------------------------------------------------------------------ page arithmetic (host ints)
 
     def step_pages(self, start: int, n: int) -> int:
-        """Upper bound on the pages one sequence allocates processing positions [start, start + n)."""
-        c = self.cache
-        w, ps = c.w, c.ps
-        ring = math.ceil(min(start + n, w) / ps) - math.ceil(min(start, w) / ps)
-        exits = max(0, start + n - w) - max(0, start - w)
-        return c.L * c.H * (ring + math.ceil(exits / ps))
-
-    def worst_case_pages(self, total_tokens: int) -> int:
-        """Pages a sequence of ``total_tokens`` positions holds if nothing is ever evicted."""
-        c = self.cache
-        return worst_case_pages(c.L, c.H, c.w, c.ps, total_tokens)
-
-    def fork_pages(self) -> int:
-        c = self.cache
-        return c.L * c.H * (c.R + 1)
+        """Upper bound on the pages one sequence allocates processing positions [start, start + n):
+        what the cache reserves for it (one :class:`~dms_runtime.paged.budget.PageBudget`)."""
+        return self.cache.budget.step_pages(start, n)
 
     # ------------------------------------------------------------------ queue
 

@@ -19,7 +19,12 @@ from .layers import RMSNorm, apply_rotary
 
 
 class AttentionBackend(Protocol):
-    """Where attention is computed. One object per forward pass (or per decode step)."""
+    """Where attention is computed. One object per forward pass (or per decode step).
+
+    A backend may also define ``project(attn, q_lin, k_lin, h_pre, cos, sin) -> (q, k, logits)``
+    to run the projection epilogue on its own kernels (the paged runtime's step does); a backend
+    without one gets :meth:`DMSAttention._project` (torch ops).
+    """
 
     def attend(
         self,
@@ -66,9 +71,10 @@ class DMSAttention(nn.Module):
         q_lin, k_lin = self.q_proj(x), self.k_proj(x)  # [B, T, Hq*D], [B, T, Hkv*D]
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         project = getattr(backend, "project", None)
-        fused = project(self, q_lin, k_lin, h_pre, cos, sin) if project is not None else None
-        # a kernel may have done the norms, the logits, the zeroing and RoPE; otherwise torch does
-        q, k, logits = fused if fused is not None else self._project(q_lin, k_lin, h_pre, cos, sin)
+        if project is not None:  # the backend's kernels: norms, logits, zeroing, RoPE
+            q, k, logits = project(self, q_lin, k_lin, h_pre, cos, sin)
+        else:
+            q, k, logits = self._project(q_lin, k_lin, h_pre, cos, sin)
         out = backend.attend(self.layer, q, k, v, logits)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
 

@@ -1,62 +1,151 @@
-"""The single dispatch point for paged attention implementations.
+"""The kernel sets of the paged runtime, and the one place that chooses one.
 
-An implementation has the signature of :func:`attention_torch.torch_paged_attention`. ``auto``
-picks, among the implementations that run natively on the device, the one with the highest
-priority (CUDA > Triton > torch); any can be forced by name where it can run at all (Triton on
-CPU runs under ``TRITON_INTERPRET=1``, for tests).
+A kernel set (:class:`PagedKernels`) is one object with the three ops a layer runs on the paged
+cache: ``project`` (q/k norm, eviction logits, zeroing, RoPE, the previous key's decision),
+``attend`` (DMS attention over the held tokens plus the new chunk) and ``store`` (the data
+movement of the cache's store step). :func:`resolve` turns ``PagedConfig.attention`` into one,
+once, at engine construction: ``"auto"`` picks, among the sets that run natively on the device,
+the one with the highest priority (CUDA > Triton > torch); a name forces one where it can run at
+all (Triton on CPU runs under ``TRITON_INTERPRET=1``, for tests).
+
+Each set says which implementation runs each op of a step (:meth:`PagedKernels.ran`), decided
+by the same functions the ops route by, so the engine's stats name what ran: e.g. the ``cuda``
+set runs decode on the hand-written kernels and prefill chunks on Triton.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
-from .attention_torch import torch_paged_attention
+from .torch_kernels import torch_paged_attention
+
+OPS = ("projection", "prefill", "decode", "store")
+
+
+class PagedKernels(Protocol):
+    """The ops of one kernel set. ``plan`` is the step's :class:`~.plan.StepPlan`; ``layer`` the
+    layer index; ``lists``/``kept0``/``table``/``ring_evict`` that layer's rows ``[B, H, ...]``."""
+
+    name: str
+
+    def projection(self, cfg) -> str:
+        """What runs the projection epilogue for a model of ``cfg``: "torch" records no decision."""
+
+    def ran(self, cfg, plan, dtype: torch.dtype) -> dict[str, str]:
+        """op -> implementation for a step of ``plan`` (ops: projection, prefill or decode, store)."""
+
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
+        """-> q ``[B, Hq, T, D]``, k ``[B, H, T, D]``, logits ``[B, H, T]`` float32 or None."""
+
+    def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict) -> torch.Tensor:
+        """-> ``[B, Hq, T, D]``."""
+
+    def store(self, cache, plan, layer, lists, k, v, new_evict, keep) -> None:
+        """Move leaving kept tokens to the kept store and new tokens into the ring (pages reserved)."""
+
+
+class TorchKernels:
+    """Plain torch: runs anywhere (the gather over page lists, SDPA, indexing)."""
+
+    name = "torch"
+
+    def projection(self, cfg) -> str:
+        return "torch"
+
+    def ran(self, cfg, plan, dtype) -> dict[str, str]:
+        return {"projection": "torch", "decode" if plan.decode else "prefill": "torch", "store": "torch"}
+
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
+        return attn._project(q_lin, k_lin, h_pre, cos, sin)
+
+    def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict):
+        return torch_paged_attention(q, k, v, new_evict, plan.n_new, plan.starts, cache.k_pool, cache.v_pool,
+                                     plan.tables[layer], plan.kept0[layer], ring_evict, cache.w, cache.R,
+                                     kept_max=plan.kept_max)
+
+    def store(self, cache, plan, layer, lists, k, v, new_evict, keep):
+        cache.move_torch(plan, lists, plan.kept0[layer], keep, k, v, new_evict)
+
+
+class OpKernels:
+    """``torch.ops.dms.fused_project`` / ``paged_attention`` / ``paged_store`` with the ops' ``impl``
+    set: "triton" or "cuda" (the hand-written kernels behind the same ops, Triton where they do not
+    cover a call)."""
+
+    def __init__(self, impl: str):
+        import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
+
+        self.name = self.impl = impl
+
+    def projection(self, cfg) -> str:
+        # per-layer decisions (one logit for all heads) stay in torch
+        return "torch" if cfg.dms_active and cfg.dms.alpha_per == "layer" else "triton"
+
+    def ran(self, cfg, plan, dtype) -> dict[str, str]:
+        from dms_kernels.ops import attention_kernels, store_kernels
+
+        dev = plan.starts.device
+        g = cfg.num_heads // cfg.num_kv_heads
+        return {"projection": self.projection(cfg),
+                "decode" if plan.decode else "prefill": attention_kernels(self.impl, dev, plan.t, dtype, cfg.head_dim, g),
+                "store": store_kernels(self.impl, dev, dtype, dtype, cfg.head_dim)}
+
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
+        cfg = attn.cfg
+        if self.projection(cfg) == "torch":
+            return attn._project(q_lin, k_lin, h_pre, cos, sin)
+        dms = cfg.dms
+        variant, adapter = "none", None
+        if cfg.dms_active:
+            variant = "adapter" if dms.separate_alpha else "borrowed"
+            if dms.separate_alpha:
+                adapter = attn.adapter_logits(h_pre)
+        q, k, logits = torch.ops.dms.fused_project(
+            q_lin, k_lin, cos, sin, attn.q_norm.weight if cfg.qk_norm else None,
+            attn.k_norm.weight if cfg.qk_norm else None, adapter, cache.ring_evict, lists, plan.starts, plan.n_new,
+            cfg.num_kv_heads, variant, cfg.rms_norm_eps, dms.alpha_scale if dms else 1.0,
+            dms.initial_alpha_offset if dms else 0.0)
+        return q, k, (logits if cfg.dms_active else None)
+
+    def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict):
+        from dms_kernels import ops
+
+        return ops.paged_attention_op(q, k, v, new_evict, plan.n_new, plan.starts, cache.k_pool, cache.v_pool,
+                                      plan.tables[layer], plan.kept0[layer], ring_evict, cache.w, cache.R,
+                                      max_tokens=plan.max_tokens, impl=self.impl)
+
+    def store(self, cache, plan, layer, lists, k, v, new_evict, keep):
+        from dms_kernels import ops
+
+        ops.paged_store_op(k, v, new_evict, cache.k_pool, cache.v_pool, cache.page_table, cache.ring_evict, lists,
+                           plan.kept0[layer], plan.starts, plan.n_new, cache.w, cache.R, impl=self.impl)
 
 
 @dataclass(frozen=True, slots=True)
-class Impl:
-    fn: Callable
+class Entry:
+    make: Callable[[], PagedKernels]
     native: Callable[[torch.device], bool]  # fast here: eligible for "auto"
     runnable: Callable[[torch.device], bool]  # can run here at all: eligible when forced
     priority: int
-    store: Callable | None = None  # data movement of the cache's store step (None: torch indexing)
-    project: Callable | None = None  # fused q/k norm + logits + RoPE + previous decision (None: torch ops)
 
 
-_REGISTRY: dict[str, Impl] = {}
+_REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, fn: Callable, native, runnable=None, priority: int = 0, store: Callable | None = None,
-             project: Callable | None = None) -> None:
-    _REGISTRY[name] = Impl(fn, native, runnable or native, priority, store, project)
+def register(name: str, make: Callable[[], PagedKernels], native, runnable=None, priority: int = 0) -> None:
+    _REGISTRY[name] = Entry(make, native, runnable or native, priority)
 
 
-def _op_fn(impl: str):
-    def fn(*args, **kwargs):
-        from dms_kernels.ops import paged_attention_op  # torch.ops.dms.paged_attention
-
-        return paged_attention_op(*args, **kwargs, impl=impl)
-
-    return fn
-
-
-def _op_store(impl: str):
-    def store(*args):
-        from dms_kernels.ops import paged_store_op  # torch.ops.dms.paged_store
-
-        return paged_store_op(*args, impl=impl)
-
-    return store
-
-
-def _triton_project(*args):
-    import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
-
-    return torch.ops.dms.fused_project(*args)
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cuda_ready(dev: torch.device) -> bool:
@@ -77,47 +166,27 @@ def _cuda_reason(dev: torch.device) -> str:
     return cuda.unavailable_reason(dev) or "needs a Hopper GPU"
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-register("torch", torch_paged_attention, lambda dev: True, priority=0)
-# "triton" and "cuda" are the same ops (torch.ops.dms.paged_attention / paged_store) with their
-# kernel set forced by the ops' ``impl`` argument.
-register("triton", _op_fn("triton"),
+register("torch", TorchKernels, lambda dev: True, priority=0)
+register("triton", lambda: OpKernels("triton"),
          native=lambda dev: dev.type == "cuda" and _has_triton(),
          runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
-         priority=10, store=_op_store("triton"), project=_triton_project)
-register("cuda", _op_fn("cuda"), native=_cuda_ready, runnable=_cuda_ready, priority=20, store=_op_store("cuda"),
-         project=_triton_project)
+         priority=10)
+register("cuda", lambda: OpKernels("cuda"), native=_cuda_ready, runnable=_cuda_ready, priority=20)
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def select(name: str, device: torch.device) -> tuple[str, Callable]:
-    """(name, attention function); :func:`store_for` gives the same backend's store mover."""
+def resolve(name: str, device) -> PagedKernels:
+    """The kernel set ``name`` ("auto" or a registered name) on ``device``: the only place
+    ``PagedConfig.attention`` is interpreted."""
     device = torch.device(device)
     if name == "auto":
-        best = max((impl.priority, n) for n, impl in _REGISTRY.items() if impl.native(device))[1]
-        return best, _REGISTRY[best].fn
-    if name not in _REGISTRY:
+        name = max((e.priority, n) for n, e in _REGISTRY.items() if e.native(device))[1]
+    elif name not in _REGISTRY:
         raise ValueError(f"attention: unknown backend {name!r}; available: auto, {', '.join(names())}")
-    impl = _REGISTRY[name]
-    if not impl.runnable(device):
+    elif not _REGISTRY[name].runnable(device):
         hint = {"triton": " (on CPU set TRITON_INTERPRET=1)", "cuda": f" ({_cuda_reason(device)})"}.get(name, "")
         raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
-    return name, impl.fn
-
-
-def store_for(name: str) -> Callable | None:
-    return _REGISTRY[name].store
-
-
-def project_for(name: str) -> Callable | None:
-    return _REGISTRY[name].project
+    return _REGISTRY[name].make()

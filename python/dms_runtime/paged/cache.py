@@ -13,8 +13,10 @@ A token whose window ends with an *evict* decision is simply not copied to the k
 ring slot is overwritten by the token ``w`` positions later. After processing positions ``0..t``
 a list holds exactly ``min(t + 1, w) + kept`` tokens, the minimum of the semantics (§3).
 
-All bookkeeping is tensor operations over every list of a step at once; the host only learns
-the number of pages a step allocated (one sync per layer, for the shapes of the allocation).
+All bookkeeping is tensor operations over every list of a step at once. The pages a step may
+need are reserved before its first layer (the worst case of :class:`PageBudget`, counted on the
+host), so the per-layer record and store do no host work and never wait for the device; the
+reserved pages a step did not fill are returned when it ends (one sync per step).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from .. import validation as V
 from ..config import ModelConfig
+from .budget import PageBudget
 
 
 @dataclass(slots=True)
@@ -62,24 +65,6 @@ class PagedConfig:
             raise V.SettingTypeError(f"attention: expected a backend name (a string), got {self.attention!r}")
 
 
-def worst_case_pages(num_layers: int, num_kv_heads: int, window: int, page_size: int, total_tokens: int) -> int:
-    """Pages one sequence of ``total_tokens`` positions holds if nothing is ever evicted: its ring,
-    its kept store, and one partly filled page of slack."""
-    ring = math.ceil(min(total_tokens, window) / page_size)
-    kept = math.ceil(max(0, total_tokens - window) / page_size)
-    return num_layers * num_kv_heads * (ring + kept + 1)
-
-
-def ring_positions(starts: torch.Tensor, window: int) -> torch.Tensor:
-    """Position held by each ring slot before a step that starts at ``starts`` ``[B]``:
-    ``[B, w]``, -1 where the slot holds nothing yet (slot ``r`` holds the latest ``p < start``
-    with ``p % w == r``)."""
-    r = torch.arange(window, device=starts.device)
-    last = (starts - 1)[:, None]
-    pos = last - torch.remainder(last - r[None, :], window)
-    return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
-
-
 class PoolExhausted(RuntimeError):
     """Raised (before anything is written) when a step would need more pages than are free."""
 
@@ -108,10 +93,13 @@ class PagedKVCache:
         self.w = min(cfg.dms.window_size, max_model_len) if self.evicts else self.ps
         self.R = math.ceil(self.w / self.ps)
         self.max_model_len = max_model_len
-        self.K = math.ceil(max_model_len / self.ps)
+        # kept-store columns: enough for every position, plus one that a step's worst-case
+        # reservation may touch past the last page it can fill (returned at the end of the step)
+        self.K = math.ceil(max_model_len / self.ps) + 1
         self.max_seqs = pcfg.max_seqs
         self.NL = self.L * self.max_seqs * self.H
         self.token_bytes = 2 * self.D * dtype.itemsize  # K and V of one token of one head
+        self.budget = PageBudget(self.L, self.H, self.w, self.ps)
 
         if pcfg.num_pages is not None:
             pages = pcfg.num_pages
@@ -125,21 +113,25 @@ class PagedKVCache:
         dev = self.device
         V.check_allocation(f"paged cache (num_pages={self.P}, page_size={self.ps}, max_seqs={self.max_seqs}, "
                            f"max_model_len={max_model_len})", self.nbytes(), dev)
-        self.k_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
-        self.v_pool = torch.zeros((self.P, self.ps, self.D), dtype=dtype, device=dev)
+        # page P is never handed out: masked writes of the store go there (no host-side selection)
+        self.k_pool = torch.zeros((self.P + 1, self.ps, self.D), dtype=dtype, device=dev)
+        self.v_pool = torch.zeros((self.P + 1, self.ps, self.D), dtype=dtype, device=dev)
+        self.trash = self.P * self.ps  # flat index of the spare page's first token
         self.page_ref = torch.zeros(self.P, dtype=torch.int32, device=dev)
         self.free_stack = torch.arange(self.P - 1, -1, -1, dtype=torch.int64, device=dev)
-        self.free_top = self.P  # host mirror: exact after every operation (allocation counts are synced)
+        self.free_top = self.P  # host mirror: exact after every operation (allocation counts are host ints)
         self.page_table = torch.full((self.NL, self.R + self.K), -1, dtype=torch.int64, device=dev)
         self.kept_len = torch.zeros(self.NL, dtype=torch.int64, device=dev)
-        self.ring_evict = torch.zeros((self.NL, self.w), dtype=torch.bool, device=dev)
+        # row NL is spare, like page P: masked ring-decision writes go there
+        self.ring_evict = torch.zeros((self.NL + 1, self.w), dtype=torch.bool, device=dev)
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=dev)
+        self.kept_bound = [0] * self.max_seqs  # host: no list of the slot holds more kept tokens
         self.peak_pages = 0
         self._heads = torch.arange(self.H, device=dev)
 
     def nbytes(self) -> int:
         """Bytes the pool and its tables take (checked against free memory before allocating)."""
-        pool = 2 * self.P * self.ps * self.D * self.dtype.itemsize + self.P * (4 + 8)
+        pool = 2 * (self.P + 1) * self.ps * self.D * self.dtype.itemsize + self.P * (4 + 8)
         tables = self.NL * ((self.R + self.K) * 8 + 8 + self.w) + self.max_seqs * 8
         return pool + tables
 
@@ -180,7 +172,6 @@ class PagedKVCache:
         self.free_top -= n
         self.page_table[lists, cols] = pages
         self.page_ref[pages] = 1
-        self.peak_pages = max(self.peak_pages, self.pages_in_use)
 
     def _release(self, pages: torch.Tensor) -> None:
         """Drop one reference to each page of ``pages`` (1-D, may repeat); free those at zero."""
@@ -194,90 +185,101 @@ class PagedKVCache:
         self.free_stack[self.free_top : self.free_top + n] = freed
         self.free_top += n
 
-    # ------------------------------------------------------------------ per layer, per step
+    # ------------------------------------------------------------------ per step
+
+    def reserve(self, lists: torch.Tensor, kept0: torch.Tensor, starts: list[int], n_new: list[int]) -> None:
+        """Give every list of the step (``lists`` ``[L, B, H]``, kept lengths ``kept0``) the pages it
+        may fill: the ring pages its new positions touch first, and ``ceil(exits / ps)`` kept-store
+        pages after its last filled one. The count is the budget's, on the host; nothing syncs."""
+        bud, dev = self.budget, self.device
+        ring_b, ring_c, kept_b, kept_j = [], [], [], []
+        for b, (s, n) in enumerate(zip(starts, n_new)):
+            lo, hi = bud.ring_columns(s, n)
+            ring_b += [b] * (hi - lo)
+            ring_c += range(lo, hi)
+            e = bud.kept_columns(s, n)
+            kept_b += [b] * e
+            kept_j += range(e)
+        if not ring_b and not kept_b:
+            return
+        idx = torch.tensor([ring_b + kept_b, ring_c + kept_j], dtype=torch.int64).to(dev)
+        nr = len(ring_b)
+        rb, rc, kb, kj = idx[0, :nr], idx[1, :nr], idx[0, nr:], idx[1, nr:]
+        first = (kept0 + self.ps - 1) // self.ps  # [L, B, H] first kept column not yet filled
+        sel = torch.cat([lists[:, rb, :], lists[:, kb, :]], 1)  # [L, M, H]
+        cols = torch.cat([rc[None, :, None].expand(self.L, nr, self.H),
+                          self.R + first[:, kb, :] + kj[None, :, None]], 1)
+        self._alloc(sel.reshape(-1), cols.reshape(-1))
+
+    def finish_step(self, plan) -> int:
+        """After the last layer: return the reserved kept pages nobody filled, advance the rows'
+        positions, tighten the host's kept bounds. One sync; returns the tokens attention read."""
+        lists = plan.lists.reshape(-1)
+        kcols = self.page_table[lists, self.R :]  # [N, K]
+        used = (self.kept_len[lists] + self.ps - 1) // self.ps
+        spare = (torch.arange(self.K, device=self.device)[None, :] >= used[:, None]) & (kcols >= 0)
+        kept_max = self.kept_len[plan.lists].amax(dim=(0, 2))  # [B]
+        n, read, *kmax = torch.cat([spare.sum()[None], plan.tokens_read[None], kept_max]).tolist()
+        if n:
+            li, ci = spare.nonzero(as_tuple=True)
+            pages = kcols[li, ci]
+            self.page_ref[pages] = 0  # reserved this step: referenced by this table entry only
+            self.free_stack[self.free_top : self.free_top + n] = pages
+            self.free_top += n
+            self.page_table[lists[li], self.R + ci] = -1
+        self.seq_len[plan.slots] += plan.n_new
+        for slot, k in zip(plan.slots_host, kmax):
+            self.kept_bound[slot] = k
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+        return read
+
+    # ------------------------------------------------------------------ per layer (no host work)
 
     def record_previous_decision(self, lists, starts, prev_evict) -> None:
         """The first logit of a step decides the key at ``starts - 1``, which sits in the ring.
 
         lists ``[B, H]``, starts ``[B]``, prev_evict ``[B, H]`` bool."""
-        has_prev = starts >= 1
-        sel = lists[has_prev]  # [B', H]
-        slot = torch.remainder(starts - 1, self.w)[has_prev][:, None].expand_as(sel)
-        self.ring_evict[sel, slot] = prev_evict[has_prev]
+        slot = torch.remainder(starts - 1, self.w)[:, None].expand_as(lists)
+        old = self.ring_evict[lists, slot]
+        self.ring_evict[lists, slot] = torch.where((starts >= 1)[:, None], prev_evict, old)
 
-    def store(self, lists, starts, n_new, k_new, v_new, new_evict, mover=None) -> None:
-        """Move tokens that leave the window into the kept store (or drop them), then write the
-        step's last ``w`` tokens into the ring.
+    def leaving_kept(self, plan, lists, new_evict) -> torch.Tensor:
+        """``[B, H, w + T]``: which tokens leave the window kept in this step, in position order
+        (ring slots in ``plan.ring_order``, then the new chunk). Read before the store writes."""
+        b, h, _ = new_evict.shape
+        ring_evict = torch.gather(self.ring_evict[lists], -1, plan.ring_order[:, None, :].expand(b, h, self.w))
+        return torch.cat([plan.ring_leaving[:, None, :] & ~ring_evict, plan.new_leaving[:, None, :] & ~new_evict], -1)
 
-        lists ``[B, H]``; starts/n_new ``[B]``; k_new/v_new ``[B, H, T, D]`` (right-padded);
-        new_evict ``[B, H, T]`` decisions of the new keys (the last one counts as keep).
-        Pages are allocated here with tensor ops; the data is moved by ``mover`` (the Triton store
-        kernel, same arguments as :meth:`_move_torch`) or by torch indexing.
-        """
+    def move_torch(self, plan, lists, kept0, keep, k_new, v_new, new_evict) -> None:
+        """The store's data movement in torch indexing (the pages are reserved): kept leaving
+        tokens appended to the kept store, the new tokens inside the window into their ring slots.
+        Masked-out writes go to the spare page / row, so no selection needs the host."""
         b, h, t, d = k_new.shape
         w, ps, R = self.w, self.ps, self.R
-        dev = self.device
-        ends = starts + n_new  # first position not yet processed after this step
-        cut = (ends - w)[:, None, None]  # positions < cut leave the window
-
-        # --- which tokens leave the window kept, in position order: ring (older) then the new chunk
-        ring_pos = ring_positions(starts, w)  # [B, w] position of each ring slot
-        order = torch.argsort(torch.where(ring_pos < 0, ring_pos.new_full((), 1 << 62), ring_pos), dim=-1)
-        ring_pos_sorted = torch.gather(ring_pos, -1, order)  # [B, w]
-        ring_slot_sorted = order[:, None, :].expand(b, h, w)
-        ring_valid = (ring_pos_sorted >= 0)[:, None, :] & (ring_pos_sorted[:, None, :] < cut)
-        ring_evict = torch.gather(self.ring_evict[lists], -1, ring_slot_sorted)
-        a = torch.arange(t, device=dev)
-        new_pos = starts[:, None] + a[None, :]  # [B, T]
-        new_valid = (a[None, :] < n_new[:, None])[:, None, :] & (new_pos[:, None, :] < cut)
-        keep = torch.cat([ring_valid & ~ring_evict, new_valid & ~new_evict], dim=-1)  # [B, H, w + T]
-        count = keep.sum(-1)  # [B, H]
-        kept0 = self.kept_len[lists]
-
-        # --- pages: kept indices [kept0, kept0 + count), and ring pages touched for the first time
-        first_col = (kept0 + ps - 1) // ps
-        last_col = (kept0 + count + ps - 1) // ps  # exclusive
-        j = torch.arange(math.ceil((w + t) / ps) + 1, device=dev)
-        cols = first_col[..., None] + j
-        li, hi, ji = (cols < last_col[..., None]).nonzero(as_tuple=True)
-        self._alloc(lists[li, hi], R + cols[li, hi, ji])
-        into_ring = (a[None, :] < n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
-        slot = torch.remainder(new_pos, w)  # [B, T]
-        bi, ai = into_ring.nonzero(as_tuple=True)
-        ring_lists = lists[bi]  # [N, H]
-        ring_slots = slot[bi, ai][:, None].expand_as(ring_lists)  # [N, H]
-        col = ring_slots // ps
-        missing = self.page_table[ring_lists, col] < 0
-        need_l, need_c = ring_lists[missing], col[missing]
-        key = torch.unique(need_l * (R + self.K) + need_c)
-        self._alloc(key // (R + self.K), key % (R + self.K))
-
-        if mover is not None:
-            mover(k_new, v_new, new_evict, self.k_pool, self.v_pool, self.page_table, self.ring_evict, lists, kept0,
-                  starts, n_new, w, R)
-        else:
-            self._move_torch(lists, keep, kept0, ring_slot_sorted, k_new, v_new, new_evict, bi, ai, ring_lists,
-                             ring_slots)
-        self.kept_len[lists] = kept0 + count
-
-    def _move_torch(self, lists, keep, kept0, ring_slot_sorted, k_new, v_new, new_evict, bi, ai, ring_lists,
-                    ring_slots) -> None:
-        d, ps, R = self.D, self.ps, self.R
         kflat, vflat = self.k_pool.view(-1, d), self.v_pool.view(-1, d)
-        if bool(keep.any()):
-            ring_flat = self.flat_slots(lists, ring_slot_sorted // ps, ring_slot_sorted % ps)
-            src_k = torch.cat([kflat[ring_flat], k_new], dim=2)  # [B, H, w + T, D]
-            src_v = torch.cat([vflat[ring_flat], v_new], dim=2)
-            dest = kept0[..., None] + torch.cumsum(keep, -1) - 1  # kept index of each candidate
-            kb, kh, kc = keep.nonzero(as_tuple=True)
-            di = dest[kb, kh, kc]
-            flat = self.page_table[lists[kb, kh], R + di // ps] * ps + di % ps
-            kflat[flat] = src_k[kb, kh, kc]
-            vflat[flat] = src_v[kb, kh, kc]
-        flat = self.page_table[ring_lists, ring_slots // ps] * ps + ring_slots % ps
-        kflat[flat] = k_new[bi, :, ai]
-        vflat[flat] = v_new[bi, :, ai]
-        self.ring_evict[ring_lists, ring_slots] = new_evict[bi, :, ai]
+        table = self.page_table[lists]  # [B, H, R + K]
+        ring_slot = plan.ring_order[:, None, :].expand(b, h, w)
+        ring_page = torch.gather(table, -1, ring_slot // ps)
+        ring_flat = torch.where(ring_page >= 0, ring_page * ps + ring_slot % ps, self.trash)
+        src_k = torch.cat([kflat[ring_flat], k_new], 2)  # [B, H, w + T, D]
+        src_v = torch.cat([vflat[ring_flat], v_new], 2)
+        dest = torch.clamp(kept0[..., None] + torch.cumsum(keep, -1) - 1, min=0)  # kept index of each candidate
+        page = torch.gather(table, -1, R + dest // ps)
+        flat = torch.where(keep, page * ps + dest % ps, self.trash)
+        kflat[flat.reshape(-1)] = src_k.reshape(-1, d)
+        vflat[flat.reshape(-1)] = src_v.reshape(-1, d)
+
+        a = torch.arange(t, device=k_new.device)
+        new_pos = plan.starts[:, None] + a[None, :]  # [B, T]
+        ends = plan.starts + plan.n_new
+        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
+        slot = torch.remainder(new_pos, w)[:, None, :].expand(b, h, t)
+        page = torch.gather(table, -1, slot // ps)
+        flat = torch.where(into_ring[:, None, :], page * ps + slot % ps, self.trash)
+        kflat[flat.reshape(-1)] = k_new.reshape(-1, d)
+        vflat[flat.reshape(-1)] = v_new.reshape(-1, d)
+        rows = torch.where(into_ring[:, None, :], lists[..., None], self.NL)
+        self.ring_evict[rows, slot] = new_evict
 
     # ------------------------------------------------------------------ sequences
 
@@ -288,6 +290,7 @@ class PagedKVCache:
         self.kept_len[rows] = 0
         self.ring_evict[rows] = False
         self.seq_len[slot] = 0
+        self.kept_bound[slot] = 0
 
     def fork(self, parent: int, child: int) -> None:
         """The child shares the parent's full kept pages (they are append-only); the pages it will
@@ -319,6 +322,8 @@ class PagedKVCache:
         self.kept_len[dst] = kept
         self.ring_evict[dst] = self.ring_evict[src]
         self.seq_len[child] = self.seq_len[parent]
+        self.kept_bound[child] = self.kept_bound[parent]
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
 
     def live_tokens(self, slot: int) -> torch.Tensor:
         """Tokens held by each list of a sequence, ``[L, Hkv]`` int64."""

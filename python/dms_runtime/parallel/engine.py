@@ -10,7 +10,9 @@ other ranks on the control group, in the order rank 0 takes it:
   pages of any rank (heads evict at different rates, so the pools fill unevenly), refreshed by one
   all-reduce after every operation that allocates or frees pages;
 * the model: a forward sends the step (token ids, positions, sequence slots, starts, chunk
-  lengths, the logits column) before running it.
+  lengths, the logits column) before running it; every rank builds the same step plan from
+  them (its own pages reserved) and closes the step with ``finish_step``, after which the free
+  pages are counted again.
 
 The other ranks run :func:`run_follower`: receive an operation, apply it to their own pool and
 model shard, repeat until rank 0 sends ``shutdown``. Sampling, stop checks and the request
@@ -25,8 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..paged.backends import project_for, select, store_for
+from ..paged.backends import resolve
 from ..paged.cache import PagedKVCache
+from ..paged.plan import StepPlan
 from ..paged.step import PagedStep
 from .shard import TPShard
 
@@ -106,6 +109,14 @@ class ShardedCacheView:
         self._cache.fork(parent, child)
         self.sync_free()
 
+    def finish_step(self, plan) -> int:
+        """Close the step (the unused reserved pages return), then count free pages over the ranks,
+        as every follower does after its forward."""
+        try:
+            return self._cache.finish_step(plan)
+        finally:
+            self.sync_free()
+
     def live_tokens(self, slot: int) -> torch.Tensor:
         """``[L, Hkv]`` over all ranks (each holds its own heads' lists)."""
         self.send(("live", slot))
@@ -129,13 +140,14 @@ class ShardedModelView:
 
     def __call__(self, input_ids, positions, step, logits_index=None):
         view: ShardedCacheView = self._view
+        plan = step.plan
         li = None if logits_index is None else logits_index.cpu()
-        view.send(("forward", input_ids.cpu(), positions.cpu(), step.slots.cpu(), step.starts.cpu(),
-                            step.n_new.cpu(), li))
+        view.send(("forward", input_ids.cpu(), plan.slots_host, plan.starts_host, plan.n_new_host, li))
         try:
             return self._model(input_ids, positions, step, logits_index=logits_index)
-        finally:
-            view.sync_free()
+        except BaseException:
+            view.sync_free()  # a follower counts free pages after its forward, failed or not
+            raise
 
     forward = __call__
 
@@ -153,14 +165,13 @@ def attach(engine, tensor_parallel: int | None = None) -> None:
     if shard.rank != 0:
         raise ValueError(f"Engine: rank {shard.rank} of a tensor-parallel job follows rank 0; call "
                          "dms_runtime.parallel.run_follower(model) on ranks other than 0")
-    if engine.logits_hook is not None:
-        raise ValueError("logits_hook: not supported with tensor parallelism (each rank computes its own heads' logits)")
     _send(shard, ("engine", engine.config, engine.cache.max_model_len))
     view = ShardedCacheView(engine.cache, shard)
     shard.driver = view  # the followers now hold this engine's pools; an older engine may not send any more
     engine.cache = view
     engine.scheduler.cache = view
-    engine.model = ShardedModelView(model, view)
+    engine.runner.cache = view
+    engine.model = engine.runner.model = ShardedModelView(model, view)
 
 
 class _FollowerState:
@@ -169,16 +180,15 @@ class _FollowerState:
     def __init__(self, model, config, max_model_len: int):
         self.model = model
         self.cache = PagedKVCache(model.config, config, model.dtype, model.device, max_model_len)
-        name, self.attention = select(config.attention, model.device)
-        self.store, self.project = store_for(name), project_for(name)
+        self.kernels = resolve(config.attention, model.device)
 
-    def forward(self, ids, positions, slots, starts, n_new, logits_index) -> None:
+    def forward(self, ids, slots: list[int], starts: list[int], n_new: list[int], logits_index) -> None:
         dev = self.model.device
-        slots, starts, n_new = slots.to(dev), starts.to(dev), n_new.to(dev)
-        step = PagedStep(self.cache, slots, starts, n_new, self.attention, None, self.store, self.project)
-        self.model(ids.to(dev), positions.to(dev), step,
-                   logits_index=None if logits_index is None else logits_index.to(dev))
-        self.cache.seq_len[slots] += n_new
+        plan = StepPlan.build(self.cache, slots, starts, n_new)
+        positions = plan.starts[:, None] + torch.arange(plan.t, device=dev)[None, :]
+        step = PagedStep(self.cache, plan, self.kernels)
+        self.model(ids.to(dev), positions, step, logits_index=None if logits_index is None else logits_index.to(dev))
+        self.cache.finish_step(plan)
 
 
 def _model_of(lm):

@@ -1,6 +1,6 @@
 """Retrofitting a model with DMS: the training-time attention, the losses, the training loop."""
 
-from .attention import TrainingAttention, eviction_off
+from .training_backend import TrainingAttention, eviction_off
 from .losses import compression_target, distillation_kl
 from .trainer import RetrofitConfig, Retrofitter
 

@@ -24,8 +24,8 @@ import torch
 
 from dms_kernels import reference as ref
 
-from ..attention import FullSequenceAttention
-from .attention import eviction_off
+from ..models.full_sequence import FullSequenceAttention
+from .training_backend import eviction_off
 from .data import pack, passkey_task, stdlib_documents, variable_tracking_task
 from .losses import distillation_kl
 

@@ -213,7 +213,7 @@ def informative(vanilla: dict, threshold: float = 0.8) -> dict:
 def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> list[str]:
     """Greedy answers through the paged runtime (``dms_runtime.generate``), eviction on or off."""
     from ..api import generate
-    from .attention import eviction_off
+    from .training_backend import eviction_off
 
     texts: list[str] = [""] * len(cases)
     groups: dict[int, list[int]] = {}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..attention import FullSequenceAttention
+from ..models.full_sequence import FullSequenceAttention
 from ..models.decoder import DecoderLM
 from .. import validation as V
 from ..models.loading import load_named_weights, open_safetensors, read_json, read_tensor
-from .attention import TrainingAttention, eviction_off
+from .training_backend import TrainingAttention, eviction_off
 from .losses import compression_target, distillation_kl
 
 

@@ -80,11 +80,11 @@ class Server:
 
     def _largest_fitting_total(self) -> int:
         """The longest sequence (prompt + max_tokens) that fits the pool with nothing evicted."""
-        sched, cap = self.engine.scheduler, self.engine.cache.P
+        cap = self.engine.cache.P
         lo, hi = 0, self.context
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if sched.worst_case_pages(mid) <= cap:
+            if self.engine.cache.budget.worst_case_pages(mid) <= cap:
                 lo = mid
             else:
                 hi = mid - 1

@@ -1,4 +1,4 @@
-"""The reference generation loop: right-padded prefill, then one token per step for every row."""
+"""The oracle generation loop: right-padded prefill, then one token per step for every row."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .cache import DenseDMSCache
 
 
 @torch.inference_mode()
-def generate_reference(
+def generate_oracle(
     model: DecoderLM,
     prompt_ids: list[list[int]],
     params: SamplingParams,
@@ -87,6 +87,6 @@ def generate_reference(
         kv=KVFootprint.from_live(cfg, live, cache.lengths.tolist(), model.dtype.itemsize),
         eviction=cfg.dms_active,
         window=cfg.dms.window_size if cfg.dms_active else None,
-        backend="reference",
+        backend="oracle",
     )
     return outputs, stats

@@ -7,12 +7,13 @@ import time
 
 import torch
 
+from ..models.decoder import DecoderLM
+from ..outputs import RequestOutput
+from ..paged.budget import PageBudget
+from ..paged.cache import PagedConfig
+from ..sampling import SamplingParams
+from ..stats import GenerationStats, KVFootprint
 from .engine import Engine
-from .models.decoder import DecoderLM
-from .outputs import RequestOutput
-from .paged.cache import PagedConfig, worst_case_pages
-from .sampling import SamplingParams
-from .stats import GenerationStats, KVFootprint
 
 
 def generate_paged(
@@ -36,7 +37,7 @@ def generate_paged(
     if config.num_pages is None and config.kv_memory_bytes is None:
         # enough for every sequence with nothing evicted: a plain call never preempts
         w = cfg.dms.window_size if cfg.dms_active else config.page_size  # the cache's ring size
-        per_seq = worst_case_pages(cfg.num_layers, cfg.num_kv_heads, w, config.page_size, longest)
+        per_seq = PageBudget(cfg.num_layers, cfg.num_kv_heads, w, config.page_size).worst_case_pages(longest)
         config = dataclasses.replace(config, num_pages=per_seq * total)
     t0 = time.perf_counter()
     engine = Engine(model, config, eos_ids=eos_ids, tokenizer=tokenizer)
@@ -66,6 +67,7 @@ def generate_paged(
         eviction=cfg.dms_active,
         window=cfg.dms.window_size if cfg.dms_active else None,
         backend=f"paged/{engine.attention_name}",
+        kernels=dict(st.kernels),
         extra={
             "page_size": cache.ps,
             "num_pages": cache.P,
@@ -82,7 +84,7 @@ def generate_paged(
         },
     )
     if getattr(model, "tp", None) is not None:  # pool counters above are rank 0's; these are every rank's
-        from .parallel import rank_stats
+        from ..parallel import rank_stats
 
         stats.extra["ranks"] = rank_stats(engine)
     return outputs, stats

@@ -9,11 +9,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cache import ring_positions
+from .plan import ring_positions
 
 
-def gather_lists(k_pool, v_pool, table, kept_len, starts, window: int, ring_pages: int):
-    """Held tokens of each list, padded to ``w + Kmax``.
+def gather_lists(k_pool, v_pool, table, kept_len, starts, window: int, ring_pages: int, kept_max: int | None = None):
+    """Held tokens of each list, padded to ``w + Kmax`` (``kept_max``: a host bound on
+    ``kept_len``, e.g. the step plan's; None reads it from the device, one sync).
 
     table ``[B, H, R + K]`` page ids; kept_len ``[B, H]``; starts ``[B]`` (first new position).
     Returns k, v ``[B, H, w + Kmax, D]`` and pos ``[B, H, w + Kmax]``: the position of a ring
@@ -27,7 +28,9 @@ def gather_lists(k_pool, v_pool, table, kept_len, starts, window: int, ring_page
     ring_pos = ring_positions(starts, w)[:, None, :].expand(b, h, w)
     ring_page_ids = torch.gather(table, -1, (r // ps).expand(b, h, w))
     ring_flat = torch.where(ring_pos >= 0, ring_page_ids * ps + r % ps, torch.zeros_like(ring_page_ids))
-    kmax = int(kept_len.max()) if kept_len.numel() else 0
+    if kept_max is None:
+        kept_max = int(kept_len.max()) if kept_len.numel() else 0
+    kmax = kept_max
     kk = torch.arange(kmax, device=dev)
     kept_valid = kk[None, None, :] < kept_len[..., None]
     kept_pages = torch.gather(table, -1, (ring_pages + kk // ps).expand(b, h, kmax))
@@ -52,6 +55,7 @@ def torch_paged_attention(
     window: int,
     ring_pages: int,
     scale: float | None = None,
+    kept_max: int | None = None,  # a host bound on kept_len (None: read it, one sync)
 ) -> torch.Tensor:
     b, hq, t, d = q.shape
     h = k_new.shape[1]
@@ -59,7 +63,7 @@ def torch_paged_attention(
     w = window
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dev = q.device
-    kc, vc, pos = gather_lists(k_pool, v_pool, table, kept_len, starts, w, ring_pages)
+    kc, vc, pos = gather_lists(k_pool, v_pool, table, kept_len, starts, w, ring_pages, kept_max)
     kmax = pos.shape[-1] - w
     evict_c = torch.cat([ring_evict, torch.zeros((b, h, kmax), dtype=torch.bool, device=dev)], -1)
 

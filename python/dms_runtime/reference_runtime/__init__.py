@@ -1,9 +1,0 @@
-"""The reference runtime: a dense KV cache plus the DMS visibility rule.
-
-It is the oracle the fast (paged) runtime is tested against, token for token.
-"""
-
-from .cache import DenseDMSCache
-from .generate import generate_reference
-
-__all__ = ["DenseDMSCache", "generate_reference"]
