@@ -20,7 +20,7 @@ MODEL = "smollm2-135m-instruct"
 API_KEY = "test-key-123"
 MAX_SEQS = 8
 MAX_WAITING = 8
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 2048  # more than the pool holds for one sequence: both limits are reachable
 KV_MEMORY = 48 << 20  # room for MAX_SEQS of the short sequences these tests run: no preemption
 MAX_BODY = 64 << 10
 START_DEADLINE_S = 420  # loading the model on a busy 2-core machine
@@ -43,7 +43,7 @@ class ServerProcess:
         env["PYTHONPATH"] = os.pathsep.join([str(root / "python"), str(root), env.get("PYTHONPATH", "")])
         cmd = [sys.executable, "-m", "dms_runtime.cli", "serve", "--model", MODEL, "--port", str(self.port),
                "--max-seqs", str(MAX_SEQS), "--max-waiting", str(MAX_WAITING), "--kv-memory", str(KV_MEMORY),
-               "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY)]
+               "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY), "--threads", "1"]
         self._out = open(log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env)
 
@@ -119,10 +119,18 @@ MAX_TOKENS = 8
 
 
 def offline(lm, prompts, *, chat: bool, **kw) -> list[list[int]]:
-    """Token ids that dms_runtime.generate() makes for the same prompts and settings."""
+    """Token ids that dms_runtime.generate() makes for the same prompts and settings (on one CPU
+    thread, as the server: two processes with several threads each crawl on a busy machine)."""
+    import torch
+
     import dms_runtime as dr
 
-    return dr.generate(lm, prompts, chat=chat, **kw).token_ids
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return dr.generate(lm, prompts, chat=chat, **kw).token_ids
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="package")

@@ -158,9 +158,9 @@ class Server:
         if max_tokens is None:
             max_tokens = min(default, limit - longest)
         elif longest + max_tokens > limit:
-            why = (f"the model's context of {self.context} tokens" if limit == self.context else
-                   f"the {self.fit} tokens a sequence may need in the KV pool ({self.engine.cache.P} pages of "
-                   f"{self.engine.cache.ps} tokens) with nothing evicted")
+            why = (f"the model's context of {self.context} tokens" if longest + max_tokens > self.context else
+                   f"the KV pool: {self.engine.cache.P} pages of {self.engine.cache.ps} tokens hold at most "
+                   f"{self.fit} tokens of one sequence with nothing evicted (give the server more --kv-memory)")
             raise P.APIError(400, f"{name}: {longest} prompt tokens + {name}={max_tokens} exceed {why}; expected "
                                   f"{name} <= {limit - longest}", param=name, code="context_length_exceeded")
         try:
