@@ -7,9 +7,12 @@ import asyncio
 import threading
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, CHAT, MAX_SEQS, MAX_TOKENS, MAX_WAITING, MODEL, PROMPTS, REQUEST_TIMEOUT_S, offline
+from .serve_helpers import API_KEY, CHAT, MAX_SEQS, MAX_TOKENS, MAX_WAITING, MODEL, PROMPTS, REQUEST_TIMEOUT_S, offline
+
+pytestmark = pytest.mark.slow  # the embedded 135M model in a server process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 IDS = {"return_token_ids": True}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import API_KEY, MAX_BODY, MAX_MODEL_LEN, MAX_TOKENS, MODEL, PROMPTS
+from .serve_helpers import API_KEY, MAX_BODY, MAX_MODEL_LEN, MAX_TOKENS, MODEL, PROMPTS
+
+pytestmark = pytest.mark.slow  # the embedded 135M model in a server process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 C, CHAT = "/v1/completions", "/v1/chat/completions"
