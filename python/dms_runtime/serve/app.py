@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
