@@ -53,6 +53,10 @@ class ServeConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         if isinstance(self.max_waiting, bool) or not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"max_waiting: expected an int >= 0, got {self.max_waiting!r}")
+        for name in ("kv_memory_bytes", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected None or an int >= 1, got {v!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key: expected a non-empty string or None")
 
