@@ -384,7 +384,8 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
                 piece = ""
                 if ev.token is not None:
                     counts[i] += 1
-                    piece = texts[i].push(ev.token)
+                    if not ev.finished:  # the last piece comes from the final text (stop strings cut)
+                        piece = texts[i].push(ev.token)
                 if not ev.finished:
                     if piece or req.return_token_ids:
                         yield chunk(i, piece, ev.token)
