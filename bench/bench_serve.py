@@ -77,6 +77,8 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str, Path]:
     cmd = [sys.executable, "-m", "dms_runtime.cli", "serve", "--model", model, "--port", str(port),
            "--max-seqs", str(args.max_seqs), "--kv-memory", str(args.kv_memory),
            "--max-waiting", str(max(args.requests, 1)), "--max-model-len", str(args.max_model_len)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
@@ -181,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seqs", type=int, default=8)
     ap.add_argument("--kv-memory", type=int, default=32 << 20)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None, help="the servers' torch CPU threads (default: torch's)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for the whole load of one model")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--log-dir", default="/tmp")

@@ -7,9 +7,12 @@ import asyncio
 import threading
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, CHAT, MAX_SEQS, MAX_TOKENS, MAX_WAITING, MODEL, PROMPTS, REQUEST_TIMEOUT_S, offline
+from .serve_helpers import API_KEY, CHAT, MAX_SEQS, MAX_TOKENS, MAX_WAITING, MODEL, PROMPTS, REQUEST_TIMEOUT_S, offline
+
+pytestmark = pytest.mark.slow  # the embedded 135M model in a server process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 IDS = {"return_token_ids": True}
@@ -214,3 +217,20 @@ def test_full_queue_answers_503_with_retry_after(server, client):
     assert server.wait_idle()["pages_used"] == 0
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
+
+
+def test_stop_string_cuts_the_text_streamed_or_not(server, client, lm, greedy):
+    p = PROMPTS[1]
+    full = lm.tokenizer.decode(greedy[p], skip_special_tokens=True)
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[2]  # cut before the third word
+    want = full[: full.find(stop)]
+    r = client.completions.create(model=MODEL, prompt=p, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    pieces, reason = [], None
+    for ch in client.completions.create(model=MODEL, prompt=p, max_tokens=MAX_TOKENS, temperature=0, stop=stop,
+                                        stream=True):
+        pieces.append(ch.choices[0].text)
+        reason = ch.choices[0].finish_reason or reason
+    assert "".join(pieces) == want and reason == "stop"  # the stop string is never streamed

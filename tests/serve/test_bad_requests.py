@@ -6,7 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import API_KEY, MAX_BODY, MAX_MODEL_LEN, MAX_TOKENS, MODEL, PROMPTS
+from .serve_helpers import API_KEY, MAX_BODY, MAX_MODEL_LEN, MAX_TOKENS, MODEL, PROMPTS
+
+pytestmark = pytest.mark.slow  # the embedded 135M model in a server process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -44,7 +46,10 @@ CASES = [
     ("max_tokens string", "POST", C, with_(OK, max_tokens="5"), AUTH, 400, "max_tokens", ["integer", "'5'"]),
     ("max_tokens negative", "POST", C, with_(OK, max_tokens=-1), AUTH, 400, "max_tokens", ["greater than or equal to 1"]),
     ("max_tokens zero", "POST", C, with_(OK, max_tokens=0), AUTH, 400, "max_tokens", ["greater than or equal to 1"]),
-    ("max_tokens huge", "POST", C, with_(OK, max_tokens=10**6), AUTH, 400, "max_tokens", ["expected max_tokens <="]),
+    ("max_tokens huge", "POST", C, with_(OK, max_tokens=10**6), AUTH, 400, "max_tokens",
+     ["context of 2048 tokens", "expected max_tokens <="]),
+    ("request larger than the KV pool", "POST", C, with_(OK, max_tokens=MAX_MODEL_LEN - 100), AUTH, 400, "max_tokens",
+     ["KV pool", "expected max_tokens <="]),
     ("max_tokens float", "POST", C, with_(OK, max_tokens=2.5), AUTH, 400, "max_tokens", ["integer"]),
     ("temperature negative", "POST", C, with_(OK, temperature=-0.5), AUTH, 400, "temperature", ["greater than or equal to 0"]),
     ("temperature too high", "POST", C, with_(OK, temperature=3), AUTH, 400, "temperature", ["less than or equal to 2"]),

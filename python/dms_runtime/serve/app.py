@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -54,6 +53,10 @@ class ServeConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         if isinstance(self.max_waiting, bool) or not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"max_waiting: expected an int >= 0, got {self.max_waiting!r}")
+        for name in ("kv_memory_bytes", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected None or an int >= 1, got {v!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key: expected a non-empty string or None")
 
@@ -158,9 +161,9 @@ class Server:
         if max_tokens is None:
             max_tokens = min(default, limit - longest)
         elif longest + max_tokens > limit:
-            why = (f"the model's context of {self.context} tokens" if limit == self.context else
-                   f"the {self.fit} tokens a sequence may need in the KV pool ({self.engine.cache.P} pages of "
-                   f"{self.engine.cache.ps} tokens) with nothing evicted")
+            why = (f"the model's context of {self.context} tokens" if longest + max_tokens > self.context else
+                   f"the KV pool: {self.engine.cache.P} pages of {self.engine.cache.ps} tokens hold at most "
+                   f"{self.fit} tokens of one sequence with nothing evicted (give the server more --kv-memory)")
             raise P.APIError(400, f"{name}: {longest} prompt tokens + {name}={max_tokens} exceed {why}; expected "
                                   f"{name} <= {limit - longest}", param=name, code="context_length_exceeded")
         try:
@@ -381,7 +384,8 @@ def create_app(lm: LoadedModel, cfg: ServeConfig) -> FastAPI:
                 piece = ""
                 if ev.token is not None:
                     counts[i] += 1
-                    piece = texts[i].push(ev.token)
+                    if not ev.finished:  # the last piece comes from the final text (stop strings cut)
+                        piece = texts[i].push(ev.token)
                 if not ev.finished:
                     if piece or req.return_token_ids:
                         yield chunk(i, piece, ev.token)

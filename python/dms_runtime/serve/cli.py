@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); 1 avoids oversubscription on a shared machine")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -37,6 +39,12 @@ def run(args) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: expected an int in [1, 65535], got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     key = args.api_key if args.api_key is not None else (os.environ.get("DMS_API_KEY") or None)
     cfg = ServeConfig(model_name=args.model, max_seqs=args.max_seqs, kv_memory_bytes=args.kv_memory,
                       page_size=args.page_size, max_model_len=args.max_model_len, api_key=key,

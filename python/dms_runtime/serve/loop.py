@@ -131,10 +131,10 @@ class EngineLoop:
                     preempted = eng.scheduler.preemptions
                     outs = eng.step()
                     self.metrics.preemptions.inc(eng.scheduler.preemptions - preempted)
+                    self._gauges()  # before the tokens go out: a client that saw its last token sees its pages freed
                     now = time.perf_counter()
                     for out in outs:
                         self._deliver(out.request_id, out.token, out.finished, out.finish_reason, now)
-                    self._gauges()
                 else:
                     self._gauges()
                     self._wake.wait(1.0)
