@@ -111,6 +111,13 @@ def test_cases_are_seeded(tok):
     assert len(set(a[0].answers)) == 3 and all(len(x) == 6 for x in a[0].answers)
 
 
+def test_cases_leave_room_for_the_answer_in_the_context(tok):
+    for task in R.TASKS:
+        c = R.make_cases(tok, task, 8192, n=1, context=8192)[0]
+        assert c.length == 8192 and 8192 - c.max_new_tokens - 8 < len(c.prompt_ids) <= 8192 - c.max_new_tokens
+    assert len(R.make_cases(tok, "passkey", 1024, n=1, context=8192)[0].prompt_ids) > 1024 - 8
+
+
 def test_case_arguments_are_checked(tok):
     with pytest.raises(ValueError, match="task"):
         R.make_case(tok, "haystack", 512, 0.5, __import__("random").Random(0))

@@ -274,13 +274,14 @@ class RetrievalSuite:
         self._cases: dict = {}
         self.vanilla: dict = {}  # (base, task, length) -> accuracy
 
-    def cases(self, tokenizer, base: str, task: str, length: int):
-        """The cases of (task, length) for models on ``base`` (built once, with its tokenizer)."""
+    def cases(self, tokenizer, base: str, task: str, length: int, context: int | None = None):
+        """The cases of (task, length) for models on ``base`` (built once, with its tokenizer; prompts
+        leave room for the answer within ``context``, the model's context)."""
         from .retrieval import make_cases
 
         key = (base, task, length)
         if key not in self._cases:
-            self._cases[key] = make_cases(tokenizer, task, length, self.n, self.seed)
+            self._cases[key] = make_cases(tokenizer, task, length, self.n, self.seed, context=context)
         return self._cases[key]
 
     def run(self, lm, length: int, label: str, base: str, policies=(), budget_fraction: float | None = None,
@@ -295,7 +296,7 @@ class RetrievalSuite:
             raise ValueError("budget_fraction: the policies need DMS's budget")
         rows = []
         for task in self.tasks:
-            cases = self.cases(lm.tokenizer, base, task, length)
+            cases = self.cases(lm.tokenizer, base, task, length, lm.config.max_position_embeddings)
             vkey = (base, task, length)
             first = vkey not in self.vanilla
             if first:

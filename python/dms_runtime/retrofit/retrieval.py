@@ -122,9 +122,10 @@ def _number(rng: random.Random, digits: int, taken: set[str]) -> str:
 
 
 def make_case(tok, task: str, length: int, depth: float, rng: random.Random, keys: int = 4, values: int = 3,
-              hops: int = 3) -> RetrievalCase:
+              hops: int = 3, context: int | None = None) -> RetrievalCase:
     """One case of ``task`` in at most ``length`` tokens with its asked needle at ``depth`` (0: right
-    after the task statement, 1: right before the question); the other needles at seeded depths."""
+    after the task statement, 1: right before the question); the other needles at seeded depths.
+    ``context``: the model's context; the prompt then leaves room for the answer's tokens in it."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     if not 0.0 <= depth <= 1.0:
@@ -164,7 +165,8 @@ def make_case(tok, task: str, length: int, depth: float, rng: random.Random, key
                     for i in range(hops)]
         question = f"\n\nWhat is the value of VAR {names[hops]}? The value of VAR {names[hops]} is"
         answers, new = [value], 8
-    ids, asked, other, hay = _assemble(tok, length, _INTRO[task], needles, question)
+    room = length if context is None else min(length, context - new)
+    ids, asked, other, hay = _assemble(tok, room, _INTRO[task], needles, question)
     return RetrievalCase(task, length, depth, ids, answers, asked, other, hay, new)
 
 
