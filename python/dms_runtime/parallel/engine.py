@@ -239,8 +239,18 @@ def run_follower(lm, *, until_result: bool = False) -> Any:
             _gather_live(shard, state.cache, msg[1])
         elif kind == "stats":
             _pool_stats(shard, state.cache)
+        elif kind == "ping":  # an idle server's rank 0: the control group's wait must not time out
+            pass
         else:
             raise RuntimeError(f"run_follower: unknown operation {kind!r} from rank 0")
+
+
+def keepalive(engine) -> None:
+    """Rank 0 of an idle tensor-parallel engine (a server waiting for requests): tell the followers
+    it is alive, so that their wait on the control group never reaches the process group's timeout.
+    Does nothing on a single process."""
+    if isinstance(engine.cache, ShardedCacheView):
+        engine.cache.send(("ping",))
 
 
 def shutdown(lm) -> None:

@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's); 1 avoids oversubscription on a shared machine")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N processes by KV head: `torchrun --nproc_per_node N -m dms_runtime.cli "
+                        "serve --tensor-parallel N ...`; rank 0 serves HTTP, the other ranks follow it")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -49,7 +52,20 @@ def run(args) -> int:
     cfg = ServeConfig(model_name=args.model, max_seqs=args.max_seqs, kv_memory_bytes=args.kv_memory,
                       page_size=args.page_size, max_model_len=args.max_model_len, api_key=key,
                       max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
-    lm = dr.load(args.model, dtype=args.dtype, device=args.device)
+    lm = dr.load(args.model, dtype=args.dtype, device=args.device, tensor_parallel=args.tensor_parallel)
+    if args.tensor_parallel > 1 and lm.model.tp.rank != 0:  # the HTTP server and the engine live on rank 0
+        import signal
+
+        from ..parallel import close, run_follower
+
+        # Ctrl-C reaches every rank of the job; a follower waits for rank 0 to release it (rank 0
+        # stops serving, then sends shutdown), so that no rank leaves a collective half done
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            run_follower(lm)
+        finally:
+            close()
+        return 0
     app = create_app(lm, cfg)
     server = app.state.server
     cache = server.engine.cache
@@ -57,5 +73,17 @@ def run(args) -> int:
     print(f"dms serve: {args.model} ({mode}) on http://{args.host}:{args.port}/v1 | pool {cache.P} pages of "
           f"{cache.ps} tokens ({cache.P * cache.ps * cache.token_bytes / 2**20:.1f} MiB), max_seqs {cache.max_seqs}, "
           f"longest request {server.fit} tokens{' | API key required' if key else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        if args.tensor_parallel > 1:
+            from ..parallel import close, shutdown
+
+            server.loop.stop()  # the engine loop ends before rank 0 releases the followers
+            try:
+                shutdown(lm)
+            except RuntimeError as exc:  # a follower already gone (killed): nothing left to release
+                print(f"dms serve: the other ranks could not be told to stop: {str(exc).splitlines()[0]}",
+                      file=sys.stderr)
+            close()
     return 0

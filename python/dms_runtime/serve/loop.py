@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import Engine
+from ..parallel.engine import keepalive
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
+
+KEEPALIVE_S = 30.0  # an idle tensor-parallel server pings its followers this often
 
 log = logging.getLogger("dms.serve")
 
@@ -68,6 +71,7 @@ class EngineLoop:
         self._cmds: deque = deque()
         self._wake = threading.Event()
         self._stop = False
+        self._last_ping = time.perf_counter()
         self._routes: dict[int, Submission] = {}  # engine request id -> its submission (loop thread)
         self._thread = threading.Thread(target=self._run, name="dms-engine-loop", daemon=True)
         self.failure: BaseException | None = None
@@ -139,6 +143,9 @@ class EngineLoop:
                     self._gauges()
                     self._wake.wait(1.0)
                     self._wake.clear()
+                    if time.perf_counter() - self._last_ping > KEEPALIVE_S:  # tensor parallel: followers wait on us
+                        keepalive(eng)
+                        self._last_ping = time.perf_counter()
         except BaseException as exc:  # the engine is unusable: end every open request with the cause
             log.exception("engine loop failed")
             self.failure = exc
