@@ -44,6 +44,8 @@ namespace py = pybind11;
 #define DMS_CLONES
 #endif
 #define DMS_INLINE inline __attribute__((always_inline))
+// lambdas too: a call out of a target clone would run the baseline ISA
+#define DMS_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace {
 
@@ -149,6 +151,7 @@ int threads_for(int requested, int64_t tasks) {
 constexpr int BN = 32;      // keys per block
 constexpr int DMAX = 512;   // largest head dim
 constexpr int MIN_SPLIT = 256;  // fewest held keys a split of a decode tile reads
+constexpr int64_t SMALL_WORK = 16384;  // (query row, key) pairs below which one thread runs a call
 
 struct AttnArgs {
   int64_t B, H, G, T, D, PS, W, R, TW, P;
@@ -179,29 +182,110 @@ struct Group {  // the splits of one tile, tasks [first, first + n)
   int64_t first, n;
 };
 
+constexpr int RB = 4;     // rows per register tile of the score product
+typedef float vf8 __attribute__((vector_size(32)));  // 8 floats: one AVX register, two SSE ones
+constexpr int GEMM_ROWS = 8;  // tiles with at least this many rows take the transposed-K product
+
 template <class A>
 struct Scratch {
-  std::vector<A> q, acc, m, l, kbuf, vbuf;
+  std::vector<A> q, acc, m, l, kbuf, vbuf, kt;
   std::vector<uint8_t> vis;
   void reserve(int64_t rows, int64_t D, int64_t na) {
-    q.resize(rows * D);
+    const int64_t padded = (rows + RB - 1) / RB * RB;
+    q.assign(padded * D, A(0));
     acc.resize(rows * D);
     m.resize(rows);
     l.resize(rows);
     kbuf.resize(BN * D);
     vbuf.resize(BN * D);
+    kt.resize(D * BN);
     vis.resize(na * BN);
   }
 };
 
+// exp(x) for x <= 0 (scores minus their running maximum), as plain arithmetic so that loops over
+// keys vectorise: 2^n * e^t with |t| <= ln2/2, a degree-7 Taylor polynomial (relative error
+// below 3e-7); exactly 0 below -87 (and for -inf, a masked key).
+DMS_INLINE float exp_nonpos(float x) {
+  float y = x * 1.44269504088896341f;
+  y = y < -126.0f ? -126.0f : y;
+  const float n = (y + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float t = (y - n) * 0.693147180559945309f;
+  float p = 1.0f / 5040.0f;
+  p = p * t + 1.0f / 720.0f;
+  p = p * t + 1.0f / 120.0f;
+  p = p * t + 1.0f / 24.0f;
+  p = p * t + 1.0f / 6.0f;
+  p = p * t + 0.5f;
+  p = p * t + 1.0f;
+  p = p * t + 1.0f;
+  const float r = __builtin_bit_cast(float, __builtin_bit_cast(int32_t, p) + int32_t(n) * (1 << 23));
+  return x < -87.0f ? 0.0f : r;
+}
+DMS_INLINE double exp_nonpos(double x) { return std::exp(x); }
+
+// One row's softmax update from its block scores sc[0, nk) (-inf: not visible): rescale the
+// accumulator to the new maximum and add the visible keys' values. Visible keys are real tokens,
+// so a masked key's p = 0 multiplies finite data.
+template <class A, int DC>
+DMS_INLINE void update_row(int64_t D_, int nk, A* sc, const A* const* V, A* __restrict accp, A& m, A& l) {
+  const int64_t D = DC ? DC : D_;
+  constexpr int DM = DC ? DC : DMAX;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  A mx = ninf;
+  for (int j = 0; j < nk; ++j) mx = sc[j] > mx ? sc[j] : mx;
+  if (mx == ninf) return;  // no key of this block is visible to the row
+  const A m_new = std::max(m, mx);
+  A lsum = 0;
+#pragma omp simd reduction(+ : lsum)
+  for (int j = 0; j < nk; ++j) {
+    sc[j] = exp_nonpos(sc[j] - m_new);
+    lsum += sc[j];
+  }
+  const A alpha = m_new > m ? exp_nonpos(m - m_new) : A(1);  // 0 while nothing was seen (m = -inf)
+  if constexpr (std::is_same_v<A, float> && DC % 8 == 0 && DC > 0) {
+    // the row's accumulator in DC/8 registers of 8 floats across the block's keys
+    constexpr int NV = DC / 8;
+    vf8 av[NV];
+    for (int i = 0; i < NV; ++i) {
+      std::memcpy(&av[i], accp + 8 * i, 32);
+      av[i] *= alpha;
+    }
+    for (int j = 0; j < nk; ++j) {
+      const vf8 p = vf8{} + sc[j];
+      const float* v = V[j];
+      for (int i = 0; i < NV; ++i) {
+        vf8 x;
+        std::memcpy(&x, v + 8 * i, 32);
+        av[i] += p * x;
+      }
+    }
+    for (int i = 0; i < NV; ++i) std::memcpy(accp + 8 * i, &av[i], 32);
+  } else {
+    A av[DM];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) av[d] = accp[d] * alpha;
+    for (int j = 0; j < nk; ++j) {
+      const A p = sc[j];
+      const A* v = V[j];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) av[d] += p * v[d];
+    }
+    for (int64_t d = 0; d < D; ++d) accp[d] = av[d];
+  }
+  m = m_new;
+  l = l * alpha + lsum;
+}
+
 // Rows r = g * na + i (query head h*G + g, query a0 + i) over one block of nk keys. vis, if
-// given, is [na][BN]: whether query i sees key j. Invisible keys never touch the accumulator.
+// given, is [na][BN]: whether query i sees key j.
 template <class T, int DC>
 DMS_INLINE void attend_block(int64_t D_, int64_t rows, int64_t na, int nk, const T* const* kr, const T* const* vr,
                              const uint8_t* vis, Scratch<acc_t<T>>& s) {
   using A = acc_t<T>;
   const int64_t D = DC ? DC : D_;
   constexpr int DM = DC ? DC : DMAX;
+  const A ninf = -std::numeric_limits<A>::infinity();
   const A* K[BN];
   const A* V[BN];
   if constexpr (std::is_same_v<T, A>) {
@@ -217,50 +301,53 @@ DMS_INLINE void attend_block(int64_t D_, int64_t rows, int64_t na, int nk, const
       V[j] = s.vbuf.data() + j * D;
     }
   }
-  const A ninf = -std::numeric_limits<A>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* vm = vis ? vis + (r % na) * BN : nullptr;
-    A qv[DM];
-    const A* qs = s.q.data() + r * D;
-    for (int64_t d = 0; d < D; ++d) qv[d] = qs[d];
-    A sc[BN];
-    A mx = ninf;
-    for (int j = 0; j < nk; ++j) {
-      if (vm && !vm[j]) {
-        sc[j] = ninf;
-        continue;
-      }
-      const A* k = K[j];
-      A dot = 0;
+  if (rows < GEMM_ROWS) {  // decode: a few rows, one dot product per (row, key)
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* vm = vis ? vis + (r % na) * BN : nullptr;
+      A qv[DM];
+      const A* qs = s.q.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) qv[d] = qs[d];
+      A sc[BN];
+      for (int j = 0; j < nk; ++j) {
+        const A* k = K[j];
+        A dot = 0;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qv[d] * k[d];
-      sc[j] = dot;
-      mx = std::max(mx, dot);
+        for (int64_t d = 0; d < D; ++d) dot += qv[d] * k[d];
+        sc[j] = (vm && !vm[j]) ? ninf : dot;
+      }
+      update_row<A, DC>(D, nk, sc, V, s.acc.data() + r * D, s.m[r], s.l[r]);
     }
-    if (mx == ninf) continue;  // no key of this block is visible to the row
-    A* accp = s.acc.data() + r * D;
-    A av[DM];
-    for (int64_t d = 0; d < D; ++d) av[d] = accp[d];
-    const A m_old = s.m[r];
-    const A m_new = std::max(m_old, mx);
-    A lsum = s.l[r];
-    if (m_new > m_old) {
-      const A alpha = std::exp(m_old - m_new);  // 0 while nothing was seen (m_old = -inf)
-      lsum *= alpha;
+    return;
+  }
+  // chunks: K^T in a [D][BN] tile, scores of RB rows at a time as broadcast-FMAs over the keys
+  A* kt = s.kt.data();
+  for (int j = 0; j < nk; ++j) {
+    const A* k = K[j];
+    for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = k[d];
+  }
+  for (int j = nk; j < BN; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    A sc[RB][BN];
+    for (int rr = 0; rr < RB; ++rr)
+      for (int j = 0; j < BN; ++j) sc[rr][j] = 0;
+    const A* q0 = s.q.data() + r0 * D;  // rows past `rows` are padding (computed, never used)
+    for (int64_t d = 0; d < D; ++d) {
+      const A* kd = kt + d * BN;
+      for (int rr = 0; rr < RB; ++rr) {
+        const A qv = q0[rr * D + d];
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) av[d] *= alpha;
+        for (int j = 0; j < BN; ++j) sc[rr][j] += qv * kd[j];
+      }
     }
-    for (int j = 0; j < nk; ++j) {
-      if (sc[j] == ninf) continue;
-      const A p = std::exp(sc[j] - m_new);
-      lsum += p;
-      const A* v = V[j];
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) av[d] += p * v[d];
+    for (int rr = 0; rr < RB && r0 + rr < rows; ++rr) {
+      const int64_t r = r0 + rr;
+      if (vis) {
+        const uint8_t* vm = vis + (r % na) * BN;
+        for (int j = 0; j < nk; ++j) sc[rr][j] = vm[j] ? sc[rr][j] : ninf;
+      }
+      update_row<A, DC>(D, nk, sc[rr], V, s.acc.data() + r * D, s.m[r], s.l[r]);
     }
-    for (int64_t d = 0; d < D; ++d) accp[d] = av[d];
-    s.m[r] = m_new;
-    s.l[r] = lsum;
   }
 }
 
@@ -303,12 +390,12 @@ DMS_INLINE void run_task(const AttnArgs& a, const Task& t, Scratch<acc_t<T>>& s,
   int nk = 0;
   bool masked = false;  // some (query, key) pair of the block is invisible
   uint8_t* vis = s.vis.data();
-  auto flush = [&]() {
+  auto flush = [&]() DMS_INLINE_LAMBDA {
     if (nk) attend_block<T, DC>(D, rows, na, nk, kr, vr, masked ? vis : nullptr, s);
     nk = 0;
     masked = false;
   };
-  auto page_at = [&](int64_t col) -> int64_t {
+  auto page_at = [&](int64_t col) DMS_INLINE_LAMBDA -> int64_t {
     const int64_t page = tab[col * a.tb_c];
     if (page < 0 || page >= a.P) {
       err.set("table: page id " + std::to_string(page) + " at column " + std::to_string(col) + " of sequence " +
@@ -444,7 +531,7 @@ void attention(const AttnArgs& a) {
   using A = acc_t<T>;
   const int64_t qt = tile_queries(a.T, a.G);
   // plan: tasks per (sequence, KV head, query tile), split over held keys when tiles are too few
-  int64_t tiles = 0;
+  int64_t tiles = 0, work = 0;
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t n = a.n_new[b * a.n_s];
     const int64_t start = a.starts[b * a.st_s];
@@ -456,8 +543,13 @@ void attention(const AttnArgs& a) {
         throw py::value_error("kept_len: expected values in [0, " + std::to_string((a.TW - a.R) * a.PS) + "] (the table's kept columns), got " + std::to_string(kept) + " for sequence " + std::to_string(b) + ", KV head " + std::to_string(h));
     }
     tiles += a.H * ((n + qt - 1) / qt);
+    for (int64_t h = 0; h < a.H; ++h) {  // (query row, key) pairs, an estimate of the work
+      const int64_t held = std::min(start, a.W) + a.kept[b * a.kl_b + h * a.kl_h];
+      work += a.G * n * held + a.G * n * (n + 1) / 2;
+    }
   }
-  const int nthreads = a.threads > 0 ? a.threads : 1;
+  // waking threads costs more than a small step saves
+  const int nthreads = work < SMALL_WORK ? 1 : (a.threads > 0 ? a.threads : 1);
   std::vector<Task> tasks;
   std::vector<Group> groups;
   int64_t ws_rows = 0;

@@ -2,8 +2,9 @@
 
 An implementation has the signature of :func:`attention_torch.torch_paged_attention`. ``auto``
 picks, among the implementations that run natively on the device, the one with the highest
-priority (CUDA > Triton > torch); any can be forced by name where it can run at all (Triton on
-CPU runs under ``TRITON_INTERPRET=1``, for tests).
+priority (CUDA > Triton > CPU kernels > torch); any can be forced by name where it can run at all
+(Triton on CPU runs under ``TRITON_INTERPRET=1``, for tests). The CPU kernels ("cpu") need the
+built ``dms_kernels._cpu``; without it ``auto`` falls back to torch and forcing "cpu" says why.
 """
 
 from __future__ import annotations
@@ -85,7 +86,15 @@ def _has_triton() -> bool:
     return True
 
 
+def _cpu_reason(dev: torch.device) -> str | None:
+    from dms_kernels import cpu
+
+    return cpu.unavailable_reason(dev)
+
+
 register("torch", torch_paged_attention, lambda dev: True, priority=0)
+# the fused C++ kernels (dms_kernels._cpu) behind the same ops, impl="cpu"; the projection stays torch
+register("cpu", _op_fn("cpu"), native=lambda dev: _cpu_reason(dev) is None, priority=5, store=_op_store("cpu"))
 # "triton" and "cuda" are the same ops (torch.ops.dms.paged_attention / paged_store) with their
 # kernel set forced by the ops' ``impl`` argument.
 register("triton", _op_fn("triton"),
@@ -110,7 +119,8 @@ def select(name: str, device: torch.device) -> tuple[str, Callable]:
         raise ValueError(f"attention: unknown backend {name!r}; available: auto, {', '.join(names())}")
     impl = _REGISTRY[name]
     if not impl.runnable(device):
-        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)", "cuda": f" ({_cuda_reason(device)})"}.get(name, "")
+        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)", "cuda": f" ({_cuda_reason(device)})",
+                "cpu": f" ({_cpu_reason(device)})"}.get(name, "")
         raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
     return name, impl.fn
 
