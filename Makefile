@@ -31,4 +31,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info dms_kernels/_cuda*.so
+	rm -rf $(VENV) build *.egg-info dms_kernels/_cuda*.so dms_kernels/_cpu*.so

@@ -1,16 +1,19 @@
 """Torch custom ops of the DMS kernels (``torch.ops.dms.*``).
 
 Each op has a fake (meta) implementation, so ``torch.compile`` and CUDA graphs can trace and
-capture it. ``paged_attention`` and ``paged_store`` have two kernel sets behind one op:
+capture it. ``paged_attention`` and ``paged_store`` have three kernel sets behind one op:
 
 * the CUDA dispatch key runs the hand-written sm_90a kernels (``dms_kernels._cuda``) where they
   are built, the GPU is a Hopper and they cover the call, else the Triton kernels;
-* every other device runs the Triton kernels, on CPU only under ``TRITON_INTERPRET=1`` (tests).
+* the CPU dispatch key runs the fused C++ kernels (``dms_kernels._cpu``, :mod:`dms_kernels.cpu`)
+  where they are built, else the Triton kernels under ``TRITON_INTERPRET=1`` (tests);
+* every other device runs the Triton kernels.
 
-The last argument ``impl`` chooses: ``"auto"`` (CUDA > Triton by availability), ``"triton"``
-(forced, e.g. to compare both on one GPU) or ``"cuda"`` (forced: an error where the hand-written
-kernels cannot run). Calls the CUDA kernels do not cover (prefill chunks, fp32, other head dims;
-see :mod:`dms_kernels.cuda`) run on Triton under ``"cuda"`` too.
+The last argument ``impl`` chooses: ``"auto"`` (by device and availability, as above),
+``"triton"`` (forced, e.g. to compare kernel sets on one device, or to test Triton on CPU under
+the interpreter), ``"cuda"`` or ``"cpu"`` (forced: an error where those kernels cannot run).
+Calls the CUDA kernels do not cover (prefill chunks, fp32, other head dims; see
+:mod:`dms_kernels.cuda`) run on Triton under ``"cuda"`` too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from .triton.common import interpreting
 
-IMPLS = ("auto", "triton", "cuda")
+IMPLS = ("auto", "triton", "cuda", "cpu")
 
 
 def _runnable(t: torch.Tensor, name: str = "q") -> None:
@@ -29,24 +32,34 @@ def _runnable(t: torch.Tensor, name: str = "q") -> None:
 
 
 def kernels_for(impl: str, device: torch.device) -> str:
-    """The kernel set a call with ``impl`` runs on ``device``: ``"cuda"`` or ``"triton"``."""
+    """The kernel set a call with ``impl`` runs on ``device``: ``"cuda"``, ``"cpu"`` or ``"triton"``."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if impl == "triton":
         return "triton"
+    device = torch.device(device)
+    if impl == "cpu" or (impl == "auto" and device.type == "cpu"):
+        from . import cpu
+
+        why = cpu.unavailable_reason(device)
+        if impl == "cpu" and why is not None:
+            raise ValueError(f"impl: 'cpu' cannot run here: {why}")
+        return "triton" if why else "cpu"
     from . import cuda
 
-    why = cuda.unavailable_reason(torch.device(device))
+    why = cuda.unavailable_reason(device)
     if impl == "cuda" and why is not None:
         raise ValueError(f"impl: 'cuda' cannot run here: {why}")
     return "triton" if why else "cuda"
 
 
 def attention_kernels(impl: str, device: torch.device, t: int, dtype: torch.dtype, head_dim: int, group: int) -> str:
-    """The kernel set a ``paged_attention`` call runs: ``"cuda"`` (the hand-written decode) or
-    ``"triton"``. The op's CUDA-key kernel routes by it, and the runtime reports it per op."""
-    if kernels_for(impl, device) != "cuda":  # off a CUDA device: "triton" (or an error for "cuda")
-        return "triton"
+    """The kernel set a ``paged_attention`` call runs: ``"cuda"`` (the hand-written decode),
+    ``"cpu"`` or ``"triton"``. The op's CUDA- and CPU-key kernels route by it, and the runtime
+    reports it per op."""
+    kernels = kernels_for(impl, device)
+    if kernels != "cuda":  # "cpu", "triton" (or an error for a forced set that cannot run here)
+        return kernels
     from . import cuda
 
     return "cuda" if t == 1 and group >= 1 and cuda.decode_supported(dtype, head_dim, group) else "triton"
@@ -54,8 +67,11 @@ def attention_kernels(impl: str, device: torch.device, t: int, dtype: torch.dtyp
 
 def store_kernels(impl: str, device: torch.device, dtype: torch.dtype, pool_dtype: torch.dtype, head_dim: int) -> str:
     """The kernel set a ``paged_store`` call runs (see :func:`attention_kernels`)."""
-    if kernels_for(impl, device) != "cuda":
+    kernels = kernels_for(impl, device)
+    if kernels == "cpu" and impl == "auto" and pool_dtype != dtype:  # the C++ store copies rows, no conversion
         return "triton"
+    if kernels != "cuda":
+        return kernels
     from . import cuda
 
     return "cuda" if cuda.store_supported(dtype, head_dim) and pool_dtype == dtype else "triton"
@@ -84,7 +100,8 @@ def paged_attention(
     decode kernel for one token per sequence, the chunk kernel otherwise. Returns q's shape.
     ``max_tokens``: a host bound on the tokens any list holds (ring + kept), from which decode
     plans its splits; -1 reads it from the device (one host sync). This body is the Triton kernel
-    set (off CUDA: under the interpreter)."""
+    set (devices with no kernel of their own; CUDA and CPU have one; on CPU, Triton runs under the
+    interpreter).
     _runnable(q)
     kernels_for(impl, q.device)  # validates impl; "cuda" is refused off a CUDA device
     return _triton_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,
@@ -114,6 +131,19 @@ def paged_attention_cuda(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_po
         return cuda.paged_decode_attention(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k_pool, v_pool, table,
                                            starts, kept_len, window, ring_pages, scale=scale, **planned)[:, :, None]
     return _triton_attention(*args)
+
+
+@paged_attention.register_kernel("cpu")
+def paged_attention_cpu(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window,
+                        ring_pages, scale=None, max_tokens=-1, impl="auto"):
+    args = (q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict, window,
+            ring_pages, scale)
+    if kernels_for(impl, q.device) == "cpu":  # reads the lengths where they lie (host memory): no bound needed
+        from . import cpu
+
+        return cpu.paged_attention(*args)
+    _runnable(q)
+    return _triton_attention(*args, max_tokens)
 
 
 @paged_attention.register_fake
@@ -148,7 +178,7 @@ def paged_store(
 ) -> None:
     """Data movement of a store step (pages allocated beforehand): tokens leaving the window to the
     kept store if kept, the new tokens inside the window into their ring slots. This body is the
-    Triton kernel (off CUDA: under the interpreter)."""
+    Triton kernel (devices with no kernel of their own; CUDA and CPU have one)."""
     _runnable(k_new, "k_new")
     kernels_for(impl, k_new.device)
     _triton_store(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
@@ -170,6 +200,21 @@ def paged_store_cuda(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_e
         from . import cuda
 
         return cuda.paged_store(*args)
+    _triton_store(*args)
+
+
+@paged_store.register_kernel("cpu")
+def paged_store_cpu(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
+                    ring_pages, impl="auto"):
+    args = (k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict, lists, kept0, starts, n_new, window,
+            ring_pages)
+    if kernels_for(impl, k_new.device) == "cpu":
+        from . import cpu
+
+        # the C++ store copies rows: a pool of another dtype (a conversion) is Triton's under "auto"
+        if impl == "cpu" or k_pool.dtype == k_new.dtype:
+            return cpu.paged_store(*args)
+    _runnable(k_new, "k_new")
     _triton_store(*args)
 
 

@@ -5,8 +5,10 @@ cache: ``project`` (q/k norm, eviction logits, zeroing, RoPE, the previous key's
 ``attend`` (DMS attention over the held tokens plus the new chunk) and ``store`` (the data
 movement of the cache's store step). :func:`resolve` turns ``PagedConfig.attention`` into one,
 once, at engine construction: ``"auto"`` picks, among the sets that run natively on the device,
-the one with the highest priority (CUDA > Triton > torch); a name forces one where it can run at
-all (Triton on CPU runs under ``TRITON_INTERPRET=1``, for tests).
+the one with the highest priority (CUDA > Triton > CPU kernels > torch); a name forces one where
+it can run at all (Triton on CPU runs under ``TRITON_INTERPRET=1``, for tests). The CPU kernels
+("cpu") need the built ``dms_kernels._cpu``; without it ``auto`` falls back to torch and forcing
+"cpu" says why.
 
 Each set says which implementation runs each op of a step (:meth:`PagedKernels.ran`), decided
 by the same functions the ops route by, so the engine's stats name what ran: e.g. the ``cuda``
@@ -73,8 +75,8 @@ class TorchKernels:
 
 class OpKernels:
     """``torch.ops.dms.fused_project`` / ``paged_attention`` / ``paged_store`` with the ops' ``impl``
-    set: "triton" or "cuda" (the hand-written kernels behind the same ops, Triton where they do not
-    cover a call)."""
+    set: "triton", "cuda" (the hand-written kernels behind the same ops, Triton where they do not
+    cover a call) or "cpu" (the C++ kernels; the projection stays in torch)."""
 
     def __init__(self, impl: str):
         import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
@@ -82,8 +84,8 @@ class OpKernels:
         self.name = self.impl = impl
 
     def projection(self, cfg) -> str:
-        # per-layer decisions (one logit for all heads) stay in torch
-        return "torch" if cfg.dms_active and cfg.dms.alpha_per == "layer" else "triton"
+        # per-layer decisions (one logit for all heads) stay in torch, as does the CPU set's projection
+        return "torch" if self.impl == "cpu" or (cfg.dms_active and cfg.dms.alpha_per == "layer") else "triton"
 
     def ran(self, cfg, plan, dtype) -> dict[str, str]:
         from dms_kernels.ops import attention_kernels, store_kernels
@@ -166,7 +168,15 @@ def _cuda_reason(dev: torch.device) -> str:
     return cuda.unavailable_reason(dev) or "needs a Hopper GPU"
 
 
+def _cpu_reason(dev: torch.device) -> str | None:
+    from dms_kernels import cpu
+
+    return cpu.unavailable_reason(dev)
+
+
 register("torch", TorchKernels, lambda dev: True, priority=0)
+# the fused C++ kernels (dms_kernels._cpu) behind the same ops, impl="cpu"; the projection stays torch
+register("cpu", lambda: OpKernels("cpu"), native=lambda dev: _cpu_reason(dev) is None, priority=5)
 register("triton", lambda: OpKernels("triton"),
          native=lambda dev: dev.type == "cuda" and _has_triton(),
          runnable=lambda dev: _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -187,6 +197,7 @@ def resolve(name: str, device) -> PagedKernels:
     elif name not in _REGISTRY:
         raise ValueError(f"attention: unknown backend {name!r}; available: auto, {', '.join(names())}")
     elif not _REGISTRY[name].runnable(device):
-        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)", "cuda": f" ({_cuda_reason(device)})"}.get(name, "")
+        hint = {"triton": " (on CPU set TRITON_INTERPRET=1)", "cuda": f" ({_cuda_reason(device)})",
+                "cpu": f" ({_cpu_reason(device)})"}.get(name, "")
         raise ValueError(f"attention: backend {name!r} cannot run on {device}{hint}")
     return _REGISTRY[name].make()
