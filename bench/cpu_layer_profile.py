@@ -19,7 +19,7 @@ import torch
 import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
 from dms_runtime.config import DMSConfig, ModelConfig
 from dms_runtime.paged import PagedConfig, PagedKVCache
-from dms_runtime.paged.attention_torch import torch_paged_attention
+from dms_runtime.paged.torch_kernels import torch_paged_attention
 
 HQ, H, D = 9, 3, 64
 

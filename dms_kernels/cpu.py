@@ -159,7 +159,7 @@ def paged_store(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict,
     ``ring_evict``: the arguments of ``torch.ops.dms.paged_store``.
 
     k_new/v_new ``[B, H, T, D]`` (the pools' dtype); new_evict bool ``[B, H, T]``; k_pool/v_pool
-    contiguous ``[P, PS, D]``; page_table int64 ``[NL, R + K]`` and ring_evict bool ``[NL, window]``
+    contiguous ``[P, PS, D]``; page_table int64 ``[NL, R + K]`` and ring_evict bool ``[>= NL, window]``
     (the cache's whole tensors); lists/kept0 int64 ``[B, H]``; starts/n_new int64 ``[B]``.
     """
     _require()
@@ -180,7 +180,11 @@ def paged_store(k_new, v_new, new_evict, k_pool, v_pool, page_table, ring_evict,
     nl = page_table.shape[0]
     ps = k_pool.shape[1]
     _check_window(window, ring_pages, ps, page_table.shape[1], "page_table")
-    _check("ring_evict", ring_evict, (nl, window), torch.bool)
+    # the cache may keep spare rows past NL (targets of masked writes); the lists address rows < NL
+    if (not isinstance(ring_evict, torch.Tensor) or ring_evict.dtype != torch.bool or ring_evict.dim() != 2
+            or ring_evict.shape[0] < nl or ring_evict.shape[1] != window):
+        raise ValueError(f"ring_evict: expected torch.bool of shape (>= {nl}, {window}), got "
+                         f"{getattr(ring_evict, 'dtype', None)} {tuple(getattr(ring_evict, 'shape', ()))}")
     _check("lists", lists, (b, h), torch.int64)
     _check("kept0", kept0, (b, h), torch.int64)
     _check("starts", starts, (b,), torch.int64)

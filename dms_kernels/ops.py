@@ -101,7 +101,7 @@ def paged_attention(
     ``max_tokens``: a host bound on the tokens any list holds (ring + kept), from which decode
     plans its splits; -1 reads it from the device (one host sync). This body is the Triton kernel
     set (devices with no kernel of their own; CUDA and CPU have one; on CPU, Triton runs under the
-    interpreter).
+    interpreter)."""
     _runnable(q)
     kernels_for(impl, q.device)  # validates impl; "cuda" is refused off a CUDA device
     return _triton_attention(q, k_new, v_new, new_evict, n_new, starts, k_pool, v_pool, table, kept_len, ring_evict,

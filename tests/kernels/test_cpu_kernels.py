@@ -97,7 +97,7 @@ def check(args, hist, dtype):
     assert torch.isfinite(got).all(), "stale (NaN) pool data reached the output"
     torch.testing.assert_close(got.double(), exp, rtol=TOL[dtype], atol=TOL[dtype])
     # the same call through the op and its dispatch
-    torch.testing.assert_close(torch.ops.dms.paged_attention(*args, None, "cpu"), got, rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.dms.paged_attention(*args, None, impl="cpu"), got, rtol=0, atol=0)
     return got
 
 
@@ -170,7 +170,7 @@ def test_kernel_reads_through_strided_views():
 
 
 def cpu_attention(*args):
-    return torch.ops.dms.paged_attention(*args, None, "cpu")
+    return torch.ops.dms.paged_attention(*args, None, impl="cpu")
 
 
 def cpu_store(*args):
@@ -207,20 +207,31 @@ def test_store_moves_exactly_what_the_torch_mover_moves():
     caches[1].v_pool.copy_(caches[0].v_pool)
     steps = [({0: 9, 1: 1, 2: 4}, 0.5), ({0: 1, 1: 6, 2: 1}, 0.5), ({0: 1, 1: 1, 2: 1}, 0.7),
              ({0: 5, 2: 13}, 0.5), ({0: 1, 1: 1, 2: 1}, 0.0), ({1: 3}, 1.0), ({0: 1, 1: 1, 2: 1}, 0.5)]
+    from dms_runtime.paged.backends import OpKernels, TorchKernels
+    from dms_runtime.paged.plan import StepPlan
+
+    kernel_sets = (TorchKernels(), OpKernels("cpu"))
     for chunks, evict_p in steps:
         slots = sorted(chunks)
         b, t = len(slots), max(chunks.values())
-        starts = caches[0].seq_len[torch.tensor(slots)].clone()
-        n_new = torch.tensor([chunks[s] for s in slots])
+        starts = [int(caches[0].seq_len[s]) for s in slots]
+        n_new = [chunks[s] for s in slots]
+        plans = [StepPlan.build(c, slots, starts, n_new) for c in caches]
         for layer in range(hyp.L):
             k, v = torch.randn(b, hyp.H, t, 16), torch.randn(b, hyp.H, t, 16)
             ev = torch.rand(b, hyp.H, t) < evict_p
-            for c, mover in zip(caches, (None, cpu_store)):
-                c.store(c.lists(layer, torch.tensor(slots)), starts, n_new, k, v, ev, mover=mover)
-        for c in caches:
-            c.seq_len[torch.tensor(slots)] += n_new
+            for c, plan, kernels in zip(caches, plans, kernel_sets):
+                lists = plan.lists[layer]
+                keep = c.leaving_kept(plan, lists, ev)
+                kernels.store(c, plan, layer, lists, k, v, ev, keep)
+                c.kept_len[lists] = plan.kept0[layer] + keep.sum(-1)
+        for c, plan in zip(caches, plans):
+            c.finish_step(plan)
         a, o = caches
-        for name in ("k_pool", "v_pool", "ring_evict", "kept_len", "page_table"):
+        # the torch mover sends masked writes to the spare page P and the spare decision row NL
+        assert torch.equal(a.k_pool[:a.P], o.k_pool[:o.P]) and torch.equal(a.v_pool[:a.P], o.v_pool[:o.P])
+        assert torch.equal(a.ring_evict[:a.NL], o.ring_evict[:o.NL])
+        for name in ("kept_len", "page_table", "seq_len"):
             assert torch.equal(getattr(a, name), getattr(o, name)), name
     assert int(caches[0].kept_len.sum()) > 0
 
@@ -258,7 +269,7 @@ def test_bad_attention_input_names_the_argument():
     with pytest.raises(ValueError, match="new_evict: expected torch.bool"):
         b = list(a)
         b[3] = b[3].float()
-        torch.ops.dms.paged_attention(*b, None, "cpu")
+        torch.ops.dms.paged_attention(*b, None, impl="cpu")
 
 
 def test_bad_store_input_names_the_argument():
@@ -297,7 +308,7 @@ def test_auto_on_cpu_runs_the_cpu_kernels_and_triton_stays_forceable():
         ops.kernels_for("cpu", torch.device("cuda"))
     from dms_runtime.paged import backends
 
-    assert backends.select("auto", cpu_dev)[0] == "cpu"
+    assert backends.resolve("auto", cpu_dev).name == "cpu"
     assert "cpu" in backends.names()
 
 
@@ -307,9 +318,9 @@ def test_without_the_module_auto_falls_back_and_cpu_says_why(monkeypatch):
     monkeypatch.setattr(cpu, "_cpu", None)
     monkeypatch.setattr(cpu, "_IMPORT_ERROR", "No module named 'dms_kernels._cpu'")
     assert "not built" in cpu.unavailable_reason(torch.device("cpu"))
-    assert backends.select("auto", torch.device("cpu"))[0] == "torch"
+    assert backends.resolve("auto", torch.device("cpu")).name == "torch"
     with pytest.raises(ValueError, match="backend 'cpu' cannot run on cpu .*not built"):
-        backends.select("cpu", torch.device("cpu"))
+        backends.resolve("cpu", torch.device("cpu"))
     assert ops.kernels_for("auto", torch.device("cpu")) == "triton"
     with pytest.raises(ValueError, match="impl: 'cpu' cannot run here: dms_kernels._cpu is not built"):
         ops.kernels_for("cpu", torch.device("cpu"))
@@ -332,10 +343,11 @@ def test_paged_runtime_on_the_cpu_kernels_gives_reference_tokens(tiny_factory, a
             for layer in lm.model.model.layers:
                 layer.self_attn.dms_proj_alpha.weight.normal_(0, 0.05)
     ps = [torch.randint(0, 131, (n,)).tolist() for n in (9, 17, 3)]
-    ref_out = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True, backend="reference")
+    ref_out = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True, backend="oracle")
     got = dr.generate(lm, ps, max_new_tokens=10, ignore_eos=True,
                       paged=dr.PagedConfig(page_size=4, prefill_chunk=6, max_seqs=3))  # auto
     assert got.stats.backend == "paged/cpu"
+    assert got.stats.kernels == {"projection": "torch", "prefill": "cpu", "decode": "cpu", "store": "cpu"}
     assert got.token_ids == ref_out.token_ids
     assert [o.live_tokens for o in got.outputs] == [o.live_tokens for o in ref_out.outputs]
     assert (ref_out.stats.kv.compression_ratio > 1.1) == (variant != "vanilla")
