@@ -186,4 +186,9 @@ def test_auto_is_resolved_once_at_engine_construction(lm, monkeypatch):
     eng = Engine(lm.model, PagedConfig(max_model_len=32))
     eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True))
     eng.run()
-    assert calls == ["auto"] and eng.attention_name == "torch" and isinstance(eng.runner.kernels, TorchKernels)
+    # on CPU "auto" is the C++ kernel set where dms_kernels._cpu is built, else torch
+    from dms_kernels import cpu
+
+    want = "torch" if cpu.unavailable_reason(torch.device("cpu")) else "cpu"
+    assert calls == ["auto"] and eng.attention_name == want
+    assert eng.stats.kernels["decode"] == want and isinstance(eng.runner.kernels, TorchKernels) == (want == "torch")
