@@ -87,7 +87,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--calibration-threshold", type=cli_float(0.0, 1.0), default=0.8,
                    help="vanilla accuracy below which a (task, length) is reported as uninformative")
     p.add_argument("--calibrate", action="store_true",
-                   help="only vanilla on the --retrieval cases (the model may be a vanilla one); no fidelity")
+                   help="only vanilla on the --retrieval cases (the model may be a vanilla one); no fidelity, no figure")
     p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None)
     p.add_argument("--plot", default=None, help="write KL, greedy agreement and retrieval accuracy against "
                                                 "KV memory held and KV tokens read to this PNG")

@@ -312,7 +312,7 @@ def policy_generate(model, prompt_ids: list[int], policy: str, budget: int, max_
                     eos_ids=(), sinks: int = 4, page_size: int = 16) -> tuple[list[int], PolicyCache]:
     """Greedy generation of ``model`` (run with eviction off) under ``policy`` at ``budget`` KV tokens
     per layer and KV head: the new token ids (ending at the first EOS, which is kept) and the backend."""
-    from .attention import eviction_off
+    from .training_backend import eviction_off
 
     if not prompt_ids:
         raise ValueError("prompt_ids: expected a non-empty list of token ids")
