@@ -107,6 +107,33 @@ def resolve_dms(raw: dict[str, Any], dms: DMSConfig | dict[str, Any] | None,
     return (base or DMSConfig()).replace(**changes)
 
 
+def read_state(files: list[Path], model: DecoderLM, read, arch: str, *, dtype, device,
+               whose: str = "the config") -> dict[str, torch.Tensor]:
+    """The checkpoint tensors ``model`` (on the meta device) expects, read with
+    ``read(f, path, name)`` from ``files`` (whole, or a rank's slice), shapes checked; the file is
+    named in every error."""
+    expected = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for path in files:
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_WEIGHTS):
+                    continue
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                t = read(f, path, name)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{path}: weight {name!r} has shape {tuple(t.shape)}, {whose} implies "
+                                     f"{tuple(expected[name].shape)}")
+                state[name] = t.to(device=device, dtype=dtype)
+    if unexpected:
+        raise ValueError(f"model_path: weights not used by a {arch} model: {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    return state
+
+
 def load_model(
     folder: str | Path,
     *,
@@ -121,25 +148,7 @@ def load_model(
     files = weight_files(folder)
     with torch.device("meta"):
         model = DecoderLM(cfg)
-    expected = dict(model.named_parameters())
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for path in files:
-        with open_safetensors(path) as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_WEIGHTS):
-                    continue
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                t = read_tensor(f, path, name)
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise ValueError(
-                        f"{path}: weight {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name].shape)}"
-                    )
-                state[name] = t.to(device=device, dtype=dtype)
-    if unexpected:
-        raise ValueError(f"model_path: weights not used by a {cfg.arch} model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    state = read_state(files, model, read_tensor, cfg.arch, dtype=dtype, device=device)
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_rest(model, cfg, state, dtype, device)
     model.eval()

@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ..config import ModelConfig
 from ..models.decoder import DecoderLM
-from ..models.loading import _IGNORED_WEIGHTS, _materialise_rest, read_config, resolve_dms, weight_files
+from ..models.loading import _materialise_rest, open_safetensors, read_config, read_state, resolve_dms, weight_files
 from ..models.registry import model_config_from_hf
 from .group import TPGroup
 
@@ -157,24 +156,9 @@ def load_model_sharded(folder: str | Path, tp: TPGroup, *, dtype: torch.dtype, d
     full = model_config_from_hf(raw, resolve_dms(raw, dms), where=str(folder / "config.json"))
     check_divisible(full, tp.size, where=str(folder))
     model = build_local_model(full, tp)
-    expected = dict(model.named_parameters())
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_WEIGHTS):
-                    continue
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                t = _read(f, name, shard_rule(name, full, tp.size, tp.rank))
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise ValueError(f"{path.name}: weight {name!r}: rank {tp.rank} of {tp.size} read shape "
-                                     f"{tuple(t.shape)}, its part of the config implies {tuple(expected[name].shape)}")
-                state[name] = t.to(device=device, dtype=dtype)
-    if unexpected:
-        raise ValueError(f"model_path: weights not used by a {full.arch} model: {unexpected[:8]}")
+    state = read_state(weight_files(folder), model,
+                       lambda f, path, name: _read(f, name, shard_rule(name, full, tp.size, tp.rank)), full.arch,
+                       dtype=dtype, device=device, whose=f"rank {tp.rank} of {tp.size}'s part of the config")
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_rest(model, model.config, state, dtype, device)
     model.eval()
@@ -185,7 +169,7 @@ def load_named_weights_sharded(model: DecoderLM, path: str | Path, what: str = "
     """:func:`load_named_weights` for a sharded model: each rank copies only its slice."""
     shard: TPShard = model.tp
     params = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(Path(path)) as f:
         unknown = [n for n in f.keys() if n not in params]
         if unknown:
             raise ValueError(f"{what}: {Path(path).name} holds weights this model does not have: {unknown[:4]}")
