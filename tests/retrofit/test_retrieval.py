@@ -100,7 +100,7 @@ def test_cases_have_the_requested_length_and_depths(tok, task, length):
 
 def _question_len(tok, case):
     text = tok.decode(case.prompt_ids)
-    return len(tok(text[text.rindex("\n\nWhat"):], add_special_tokens=False)["input_ids"])
+    return len(tok(text[text.rindex("\n\nNow, what"):], add_special_tokens=False)["input_ids"])
 
 
 def test_cases_are_seeded(tok):

@@ -2,8 +2,11 @@
 
 The cases follow the long-context literature's formats: the task stated first, a repetitive
 haystack ("The grass is green. The sky is blue. ..."), needle sentences at seeded depths, and the
-question at the end, ending where the answer starts (a plain prompt: no chat template; vanilla
-SmolLM2-135M-Instruct answers it).
+question at the end, restated after the haystack ("Now, what is the pass key? Answer with the number
+only.") and ending where the answer starts (a plain prompt: no chat template). The restated question
+is what makes the small instruct models answer past 1K: SmolLM2-135M-Instruct given only "What is
+the pass key? The pass key is" after 2K tokens of filler continues with prose ("the pass key that
+is used to ...") even when the needle is right before the question.
 
 * ``passkey``: one 5-digit pass key (the format of Mohtashami & Jaggi's passkey test).
 * ``multikey``: several "special magic number for <key>" needles, RULER NIAH style; the question
@@ -136,7 +139,7 @@ def make_case(tok, task: str, length: int, depth: float, rng: random.Random, key
     if task == "passkey":
         key = _number(rng, 5, taken)
         needles = [(depth, f"The pass key is {key}. Remember it. {key} is the pass key.", True)]
-        question, answers, new = "\n\nWhat is the pass key? The pass key is", [key], 8
+        question, answers, new = "\n\nNow, what is the pass key? Answer with the number only.\nThe pass key is", [key], 8
     elif task in ("multikey", "multivalue"):
         names = rng.sample([f"{a}-{b}" for a in _KEY_WORDS for b in _KEY_NOUNS], keys)
         asked = names[0]
@@ -146,12 +149,12 @@ def make_case(tok, task: str, length: int, depth: float, rng: random.Random, key
         needles += [(rng.random(), f"One of the special magic numbers for {n} is: {_number(rng, 6, taken)}.", False)
                     for n in names[1:]]
         if task == "multikey":
-            question = (f"\n\nWhat is the special magic number for {asked} mentioned in the provided text? "
-                        f"The special magic number for {asked} mentioned in the provided text is")
+            question = (f"\n\nNow, what is the special magic number for {asked} mentioned in the provided text? "
+                        f"Answer with the number only.\nThe special magic number for {asked} mentioned in the provided text is")
             new = 10
         else:
-            question = (f"\n\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
-                        f"The special magic numbers for {asked} mentioned in the provided text are")
+            question = (f"\n\nNow, what are all the special magic numbers for {asked} mentioned in the provided text? "
+                        f"Answer with the numbers only.\nThe special magic numbers for {asked} mentioned in the provided text are")
             new = 10 * values + 4
     else:  # vartrack
         names = rng.sample(_VAR_NAMES, 2 * (hops + 1))
@@ -163,7 +166,8 @@ def make_case(tok, task: str, length: int, depth: float, rng: random.Random, key
         needles += [(dist[0], f"VAR {names[hops + 1]} = {other}.", False)]
         needles += [(dist[i + 1], f"VAR {names[hops + 2 + i]} = VAR {names[hops + 1 + i]}.", False)
                     for i in range(hops)]
-        question = f"\n\nWhat is the value of VAR {names[hops]}? The value of VAR {names[hops]} is"
+        question = (f"\n\nNow, what is the value of VAR {names[hops]}? Answer with the number only.\n"
+                    f"The value of VAR {names[hops]} is")
         answers, new = [value], 8
     room = length if context is None else min(length, context - new)
     ids, asked, other, hay = _assemble(tok, room, _INTRO[task], needles, question)
