@@ -11,7 +11,7 @@ from ..validation import MAX_SEED, MAX_SEQS, MAX_TOKENS, MAX_WINDOW, UserError, 
 
 # what a retrofit writes into --out; --overwrite removes these (and nothing else) first
 OUTPUT_FILES = ("dms_weights.safetensors", "dms_config.json", "trainer_state.safetensors", "trainer_state.json",
-                "trainer_state.pt", "log.jsonl")
+                "trainer_state.pt", "log.jsonl", "warm_start.json")
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
@@ -36,11 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="embedded name, folder or .gguf (the base)")
     p.add_argument("--out", required=True, help="output folder: DMS weights + settings (+ trainer state)")
     p.add_argument("--cr", type=cli_float(1), default=8.0, help="final compression ratio")
-    p.add_argument("--steps", type=cli_int(1), default=1000)
+    p.add_argument("--steps", type=cli_int(0), default=1000, help="optimisation steps (0: only --warm-start)")
     p.add_argument("--steps-per-cr", type=cli_int(1), default=100)
     p.add_argument("--init-from", default=None,
                    help="start from this retrofit folder's DMS weights (fresh optimizer), e.g. CR 8 from CR 4")
     p.add_argument("--cr-start", type=cli_float(1), default=1.0, help="CR where the anneal starts (the --init-from CR)")
+    p.add_argument("--warm-start", type=cli_int(0), default=0, metavar="SEQUENCES",
+                   help="before the first step, fit each layer's adapter from this many --seq-len sequences (one "
+                        "forward of the frozen base, no backpropagation) to mark the keys later queries attend "
+                        "least, calibrated to --cr; then --cr-start may be --cr (warm_start.json: the fit)")
     p.add_argument("--window", type=cli_int(1, MAX_WINDOW), default=256)
     p.add_argument("--tau", type=cli_float(0, lo_open=True), default=0.1)
     p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
@@ -288,6 +292,10 @@ def run(args) -> int:
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if args.cr_start > args.cr:
         raise UserError(f"--cr-start: expected at most --cr={args.cr}, got {args.cr_start}")
+    if args.warm_start and args.init_from is not None:
+        raise UserError("--warm-start: the adapter comes from --init-from already; give one of them")
+    if args.warm_start and args.variant != "adapter":
+        raise UserError("--warm-start: fits the adapter; expected --variant adapter")
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite, int(os.environ.get("RANK", "0")))
     if distributed:
@@ -303,11 +311,26 @@ def run(args) -> int:
     cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, initial_cr=args.cr_start,
                          init_from=args.init_from, window=args.window, tau=args.tau, lr=args.lr,
                          warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
-                         autocast_bf16=args.autocast_bf16)
+                         autocast_bf16=args.autocast_bf16, warm_start=args.warm_start)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Retrofitter(lm.model, cfg, log_path=out / "log.jsonl", base_model=args.model)
     if args.resume and has_state(out):
         trainer.resume(out)
+    elif args.warm_start:
+        import json
+
+        from .warm_start import warm_start
+
+        fit = data.pack(_documents(args.data, args.seed + 1, args.seq_len, lm), lm.tokenizer, args.seq_len,
+                        eos_id=lm.tokenizer.eos_token_id)
+        fit = torch.tensor(list(itertools.islice(fit, args.warm_start)), dtype=torch.int64)
+        report = warm_start(lm.model, fit, args.cr, args.window)
+        if rank == 0:
+            (out / "warm_start.json").write_text(json.dumps({"sequences": args.warm_start, "seq_len": args.seq_len,
+                                                             "data": args.data, **report.to_dict()}, indent=1))
+            print(f"warm start: {args.warm_start} sequences, marked fraction {sum(report.marked_fraction) / report.layers:.3f} "
+                  f"(target {report.target_fraction:.3f}), label agreement "
+                  f"{sum(report.label_agreement) / report.layers:.3f}")
     seqs = data.pack(_documents(args.data, args.seed, args.seq_len, lm), lm.tokenizer, args.seq_len,
                      eos_id=lm.tokenizer.eos_token_id)
     stream = data.batches(seqs, args.batch)

@@ -37,6 +37,7 @@ class RetrofitConfig:
     seed: int = 0
     autocast_bf16: bool = False  # bf16 autocast of the forward passes (fp32 master weights)
     init_from: str | None = None  # a retrofit folder whose DMS weights start this run (fresh optimizer)
+    warm_start: int = 0  # sequences the adapter was fitted from before the first step (warm_start.py)
 
     def __post_init__(self):
         self.final_cr = V.number("final_cr", self.final_cr, 1)
@@ -50,6 +51,7 @@ class RetrofitConfig:
         self.clip = V.number("clip", self.clip, 0, lo_open=True)
         V.choice("trainable", self.trainable, ("dms", "all"))
         self.seed = V.integer("seed", self.seed, 0, V.MAX_SEED)
+        self.warm_start = V.integer("warm_start", self.warm_start, 0)
         V.boolean("autocast_bf16", self.autocast_bf16)
         if self.init_from is not None and not isinstance(self.init_from, (str, Path)):
             raise V.SettingTypeError(f"init_from: expected a retrofit folder, got {self.init_from!r}")
