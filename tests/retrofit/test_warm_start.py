@@ -74,6 +74,22 @@ class _DenseRecording:
         return ref.dms_attention(q, k, v, none_evicted, 1)
 
 
+def test_importance_keeps_the_keys_that_cost_most_to_evict():
+    # a rare group of "keep" keys (think: the attention sink) that the features barely separate from the
+    # evicted ones: weighing each kept key by its far attention makes the fit keep that group
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4000, 8, generator=gen)
+    x[:, -1] = 3.0
+    heavy = (x[:, 1] > 1.6) & (x[:, 0] > -1)
+    y = (x[:, 0] > -1) & ~heavy  # evict
+    y = y[:, None]
+    importance = torch.where(heavy, 50.0, 1.0)[:, None]
+    kept = lambda u: (x[heavy] @ u.T - 5.0 <= 0).float().mean().item()  # noqa: E731
+    plain = W._fit_layer(x, y, 5.0, 300)
+    weighted = W._fit_layer(x, y, 5.0, 300, importance=importance)
+    assert kept(weighted) > 0.9 > kept(plain) + 0.2
+
+
 @pytest.fixture
 def adapter_model(tiny_factory):
     folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 4, "dms_separate_alpha": True})

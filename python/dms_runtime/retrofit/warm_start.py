@@ -13,8 +13,9 @@ Keys with at least ``min_far`` such queries are labelled: per layer, the ``1 - 1
 the least far attention are "evict", the rest "keep". The adapter logit for key ``j`` is computed at
 position ``j + 1`` (the shift of §2), so the features are ``h_pre[j + 1]``. Each layer's
 ``dms_proj_alpha`` is fitted by logistic regression in the adapter's own form
-(``scale * W RMSNorm(h) - offset``, the norm weight left at one), then scaled so that the layer marks
-the target fraction of its positions (``logit > 0``). The adapter has no bias (or one that stays
+(``scale * W RMSNorm(h) - offset``, the norm weight left at one; each "keep" key weighed by its far
+attention, so that the few keys whose eviction would cost most, such as the attention sink, weigh
+most), then shifted so that the layer marks the target fraction of its positions (``logit > 0``). The adapter has no bias (or one that stays
 at zero) to move the fixed ``-offset``: the fit and the calibration move it through the
 near-constant directions a normalised residual stream has (the calibration shifts the weights
 along the features' mean).
@@ -76,6 +77,9 @@ class _FarAttention:
         return (p.to(vv.dtype) @ vv).to(q.dtype)
 
 
+_MAX_IMPORTANCE = 100.0  # a key weighs at most this many average "keep" keys in the fit
+
+
 def _rms(h: torch.Tensor, eps: float) -> torch.Tensor:
     h = h.float()
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -113,14 +117,22 @@ def collect(model: DecoderLM, sequences: torch.Tensor, window: int):
     return ({k: torch.cat(v) for k, v in feats.items()}, {k: torch.cat(v) for k, v in far.items()}, counts)
 
 
-def _fit_layer(x: torch.Tensor, y: torch.Tensor, offset: float, iters: int) -> torch.Tensor:
+def _fit_layer(x: torch.Tensor, y: torch.Tensor, offset: float, iters: int,
+               importance: torch.Tensor | None = None) -> torch.Tensor:
     """Logistic regression ``sigmoid(x @ u - offset)`` -> labels ``y`` ``[N, Hkv]``, one ``u`` per
-    KV head (``u = scale * W``); classes weighed equally."""
+    KV head (``u = scale * W``); classes weighed equally, and within the "keep" class each key by
+    ``importance`` ``[N, Hkv]`` when given (what evicting it would cost: its far attention)."""
     n, h = x.shape
     hkv = y.shape[1]
     u = torch.zeros(hkv, h, requires_grad=True)
     pos = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
-    weight = torch.where(y, 0.5 / pos, 0.5 / (1 - pos))
+    keep_weight = torch.ones_like(y, dtype=torch.float32)
+    if importance is not None:
+        imp = importance.float().clamp(min=0)
+        mean_keep = (imp * ~y).sum(0) / (~y).sum(0).clamp(min=1)
+        keep_weight = (imp / mean_keep.clamp(min=1e-12)).clamp(max=_MAX_IMPORTANCE)
+        keep_weight = keep_weight / ((keep_weight * ~y).sum(0) / (~y).sum(0).clamp(min=1)).clamp(min=1e-12)
+    weight = torch.where(y, 0.5 / pos, 0.5 / (1 - pos) * keep_weight)
     opt = torch.optim.Adam([u], lr=0.05)
     for _ in range(iters):
         opt.zero_grad()
@@ -149,7 +161,7 @@ def _calibrate(x: torch.Tensor, u: torch.Tensor, offset: float, target: float) -
 
 
 def warm_start(model: DecoderLM, sequences: torch.Tensor, cr: float, window: int | None = None,
-               min_far: int = 32, iters: int = 200) -> WarmStartReport:
+               min_far: int = 32, iters: int = 200, weighted: bool = True) -> WarmStartReport:
     """Fit every layer's ``dms_proj_alpha`` from ``sequences`` ``[N, T]`` (token ids, no padding) as
     the module docstring says, in place, and report what the fit reached."""
     dms = model.config.dms
@@ -180,7 +192,7 @@ def warm_start(model: DecoderLM, sequences: torch.Tensor, cr: float, window: int
         y = s <= cut if target > 0 else torch.zeros_like(s, dtype=torch.bool)
         samples = y.numel()
         if target > 0:
-            u = _fit_layer(x, y, dms.initial_alpha_offset, iters)
+            u = _fit_layer(x, y, dms.initial_alpha_offset, iters, importance=s if weighted else None)
             u = _calibrate(x_all.reshape(-1, x_all.shape[-1]), u, dms.initial_alpha_offset, target)
         else:
             u = torch.zeros(stat.shape[1], x.shape[1])
