@@ -150,7 +150,7 @@ def test_suite_runs_methods_only_where_vanilla_is_informative(tiny_with_tokenize
     def fake_generate(lm_, cases, evict=True):  # vanilla right on passkey, wrong on vartrack; DMS always right
         calls.append(("dms" if evict else "vanilla", cases[0].task))
         right = evict or cases[0].task == "passkey"
-        return [f" {c.answers[0]}" if right else " 0" for c in cases]
+        return [f" {c.answers[0]}" if right else " 0" for c in cases], (0.125 if evict else 1.0)
 
     def fake_policy(lm_, cases, policy, fraction):
         calls.append((policy, cases[0].task))
@@ -167,6 +167,7 @@ def test_suite_runs_methods_only_where_vanilla_is_informative(tiny_with_tokenize
     assert by[("dms", "vartrack")].accuracy is None and by[("tova", "vartrack")].accuracy is None
     assert ("dms", "vartrack") not in calls and ("tova", "vartrack") not in calls
     assert by[("tova", "passkey")].budget_fraction == 0.25 and by[("tova", "passkey")].held_fraction == 0.25
+    assert by[("dms", "passkey")].held_fraction == 0.125 and by[("dms", "vartrack")].held_fraction is None
     # a second model on the same base reuses vanilla's score and the same cases
     rows2 = suite.run(lm, 200, "m2", "base")
     assert [r.method for r in rows2] == ["dms", "dms"] and calls.count(("vanilla", "passkey")) == 1
@@ -256,6 +257,9 @@ def test_eval_cli_retrieval(tiny_with_tokenizer, capsys, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert all(r["informative"] and 0 <= r["accuracy"] <= 1 for r in out["retrieval"])
     assert {r["method"] for r in out["retrieval"]} == {"vanilla", "dms", "streaming", "h2o"}
+    # DMS's rows carry the KV it held (this random model evicts), vanilla's the dense cache
+    assert all(0 < r["held_fraction"] < 1 for r in out["retrieval"] if r["method"] == "dms")
+    assert all(r["held_fraction"] == 1.0 for r in out["retrieval"] if r["method"] == "vanilla")
     assert all(r["retrieval_accuracy"] is not None for r in out["methods"])
     assert main(common[:-1] + ["--calibrate"]) == 0
     text = capsys.readouterr().out

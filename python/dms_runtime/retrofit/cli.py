@@ -248,13 +248,14 @@ def run_eval(args) -> int:
         print(f"retrieval by greedy generation ({args.retrieval_cases} cases per point; uninformative: vanilla "
               f"< {args.calibration_threshold:.0%}, not compared)")
         print(f"{'method':>10} | {'model':>28} | {'task':>10} | {'length':>6} | {'accuracy':>8} | {'vanilla':>7} | "
-              f"{'KV budget':>9} | note")
+              f"{'KV budget':>9} | {'KV held':>7} | note")
         for r in ret_rows:
             acc = "-" if r.accuracy is None else f"{r.accuracy:.2f}"
             bud = "-" if r.budget_fraction is None or r.method == "vanilla" else f"{r.budget_fraction:.3f}"
+            held = "-" if r.held_fraction is None else f"{r.held_fraction:.3f}"
             note = "" if r.informative else "uninformative"
             print(f"{r.method:>10} | {r.model:>28} | {r.task:>10} | {r.length:>6} | {acc:>8} | "
-                  f"{r.vanilla_accuracy:>7.2f} | {bud:>9} | {note}")
+                  f"{r.vanilla_accuracy:>7.2f} | {bud:>9} | {held:>7} | {note}")
     return 0
 
 

@@ -250,7 +250,8 @@ class RetrievalRow:
     vanilla_accuracy: float
     informative: bool  # vanilla_accuracy >= the calibration threshold
     budget_fraction: float | None = None  # a policy's KV tokens per layer and head / the prompt length
-    held_fraction: float | None = None  # the most KV tokens held, over the cases' mean, / dense
+    held_fraction: float | None = None  # KV tokens held / dense: a policy's peak (mean over the cases); DMS's
+    # at the end of generation (all cases together)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -300,14 +301,17 @@ class RetrievalSuite:
             vkey = (base, task, length)
             first = vkey not in self.vanilla
             if first:
-                self.vanilla[vkey] = accuracy(cases, generate_answers(lm, cases, evict=False))
+                self.vanilla[vkey] = accuracy(cases, generate_answers(lm, cases, evict=False)[0])
             van = self.vanilla[vkey]
             ok = van >= self.threshold
             if first:
                 rows.append(RetrievalRow("vanilla", label, task, length, len(cases), van, van, ok, 1.0, 1.0))
             if dms:
-                acc = accuracy(cases, generate_answers(lm, cases, evict=True)) if ok else None
-                rows.append(RetrievalRow("dms", label, task, length, len(cases), acc, van, ok))
+                acc = held = None
+                if ok:
+                    texts, held = generate_answers(lm, cases, evict=True)
+                    acc = accuracy(cases, texts)
+                rows.append(RetrievalRow("dms", label, task, length, len(cases), acc, van, ok, None, held))
             for policy in policies:
                 acc = held = None
                 if ok:

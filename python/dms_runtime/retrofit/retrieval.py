@@ -216,8 +216,9 @@ def informative(vanilla: dict, threshold: float = 0.8) -> dict:
 # ---------------------------------------------------------------------------- running the cases
 
 
-def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> list[str]:
-    """Greedy answers through the paged runtime (``dms_runtime.generate``), eviction on or off."""
+def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> tuple[list[str], float]:
+    """Greedy answers through the paged runtime (``dms_runtime.generate``), eviction on or off; and
+    the KV tokens held at the end of generation over all cases / a dense cache's (1.0 without eviction)."""
     from ..api import generate
     from .training_backend import eviction_off
 
@@ -225,6 +226,7 @@ def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> list
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(cases):
         groups.setdefault(c.max_new_tokens, []).append(i)
+    live = dense = 0
     for new, idx in groups.items():
         prompts = [cases[i].prompt_ids for i in idx]
         if evict:
@@ -234,7 +236,9 @@ def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> list
                 res = generate(lm, prompts, max_new_tokens=new, chat=False)
         for i, t in zip(idx, res.texts):
             texts[i] = t or ""
-    return texts
+        live += res.stats.kv.live_tokens
+        dense += res.stats.kv.dense_tokens
+    return texts, (live / dense if dense else 1.0)
 
 
 def policy_answers(lm, cases: list[RetrievalCase], policy: str, budget_fraction: float) -> tuple[list[str], list[float]]:
