@@ -1,0 +1,47 @@
+"""bench/plot_eval.py: runs split by length and task merge into one table and figure."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _method(method, model, length, kl, retrieval=None):
+    return {"method": method, "model": model, "length": length, "budget": None if method in ("vanilla", "dms") else 9,
+            "kl_per_token": kl, "greedy_agreement": 1 - kl, "held_fraction": 1.0 if method == "vanilla" else 0.2,
+            "read_fraction": 1.0 if method == "vanilla" else 0.3, "passkey_accuracy": None,
+            "retrieval_accuracy": retrieval}
+
+
+def _retrieval(method, model, task, length, acc, van):
+    return {"method": method, "model": model, "task": task, "length": length, "cases": 4, "accuracy": acc,
+            "vanilla_accuracy": van, "informative": van >= 0.8, "budget_fraction": None, "held_fraction": None}
+
+
+def test_runs_split_by_task_merge_into_one_retrieval_score(tmp_path):
+    a = {"fidelity": [], "methods": [_method("vanilla", "m", 64, 0.0, 1.0), _method("dms", "m", 64, 0.1, 0.5),
+                                     _method("h2o", "m", 64, 0.2, 0.0)],
+         "retrieval": [_retrieval("vanilla", "m", "passkey", 64, 1.0, 1.0), _retrieval("dms", "m", "passkey", 64, 0.5, 1.0),
+                       _retrieval("h2o", "m", "passkey", 64, 0.0, 1.0)]}
+    b = {"fidelity": [], "methods": [_method("vanilla", "m", 64, 0.0, 0.9), _method("dms", "m", 64, 0.7, 1.0)],
+         "retrieval": [_retrieval("vanilla", "m", "multikey", 64, 0.9, 0.9), _retrieval("dms", "m", "multikey", 64, 1.0, 0.9),
+                       _retrieval("vanilla", "m", "vartrack", 64, 0.25, 0.25), _retrieval("dms", "m", "vartrack", 64, None, 0.25)]}
+    for name, out in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(out))
+    plot = tmp_path / "curves.png"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "a.json"),
+                          str(tmp_path / "b.json"), "--plot", str(plot)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    # fidelity from the first file; retrieval: the mean over the informative tasks of both (vartrack left out)
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 75% |" in lines
+    assert "| 64 | vanilla |  | 1.000 | 1.000 | 0.000 | 100.0% | 95% |" in lines
+    assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 0% |" in lines
+    assert "| vartrack | 64 | 4 | DMS | m | - | 25% | no | - |" in lines
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text("[]")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "bad.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "bad.json: expected the output of `dms eval --json`" in run.stderr
