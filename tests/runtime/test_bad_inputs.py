@@ -329,7 +329,7 @@ CLI = [
     (["generate", "--device", "gpu", "-m", "{folder}", "x"], "device: expected 'cpu'"),
     (["generate", "-m", "{broken}", "x"], "config.json: invalid JSON"),
     (["generate", "-m", "{tmp}/nothing-here", "x"], "neither an embedded model"),
-    (["retrofit", "--out", "{tmp}/o", "--steps", "-1"], "argument --steps: expected an int >= 1, got '-1'"),
+    (["retrofit", "--out", "{tmp}/o", "--steps", "-1"], "argument --steps: expected an int >= 0, got '-1'"),
     (["retrofit", "--out", "{tmp}/o", "--steps", "1.5"], "argument --steps"),
     (["retrofit", "--out", "{tmp}/o", "--cr", "0.5"], "argument --cr: expected a finite number >= 1"),
     (["retrofit", "--out", "{tmp}/o", "--lr", "0"], "argument --lr: expected a finite number > 0"),
