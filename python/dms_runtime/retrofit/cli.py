@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -166,8 +167,6 @@ def _base(lm) -> str:
 
 
 def run_eval(args) -> int:
-    import json
-
     import dms_runtime as dr
 
     from .evaluate import (MethodRow, RetrievalSuite, compare_methods, fidelity, heldout_sequences,
@@ -318,8 +317,6 @@ def run(args) -> int:
     if args.resume and has_state(out):
         trainer.resume(out)
     elif args.warm_start:
-        import json
-
         from .warm_start import warm_start
 
         fit = data.pack(_documents(args.data, args.seed + 1, args.seq_len, lm), lm.tokenizer, args.seq_len,

@@ -15,10 +15,10 @@ position ``j + 1`` (the shift of §2), so the features are ``h_pre[j + 1]``. Eac
 ``dms_proj_alpha`` is fitted by logistic regression in the adapter's own form
 (``scale * W RMSNorm(h) - offset``, the norm weight left at one; each "keep" key weighed by its far
 attention, so that the few keys whose eviction would cost most, such as the attention sink, weigh
-most), then shifted so that the layer marks the target fraction of its positions (``logit > 0``). The adapter has no bias (or one that stays
-at zero) to move the fixed ``-offset``: the fit and the calibration move it through the
-near-constant directions a normalised residual stream has (the calibration shifts the weights
-along the features' mean).
+most), then shifted so that the layer marks the target fraction of its positions (``logit > 0``).
+The adapter has no bias (or one that stays at zero) to move the fixed ``-offset``: the fit and the
+calibration move it through the near-constant directions a normalised residual stream has (the
+calibration shifts the weights along the features' mean).
 
 The result is a starting point for distillation (``dms retrofit --warm-start``), whose
 compression anneal may then start at the target CR.
@@ -55,7 +55,7 @@ class _FarAttention:
 
     def __init__(self, window: int):
         self.window = window
-        self.far: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, T] (NaN: too few far queries)
+        self.far: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, T] (0 for a key with no far query)
         self.counts: torch.Tensor | None = None  # [T] far queries per key
 
     def attend(self, layer, q, k, v, logits):
@@ -80,11 +80,6 @@ class _FarAttention:
 _MAX_IMPORTANCE = 100.0  # a key weighs at most this many average "keep" keys in the fit
 
 
-def _rms(h: torch.Tensor, eps: float) -> torch.Tensor:
-    h = h.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-
-
 @torch.no_grad()
 def collect(model: DecoderLM, sequences: torch.Tensor, window: int):
     """Per layer: the adapter's normalised inputs ``[N, T, H]`` and the far-attention statistic
@@ -98,7 +93,8 @@ def collect(model: DecoderLM, sequences: torch.Tensor, window: int):
         eps = attn.dms_proj_alpha_norm.eps
 
         def grab(module, args, layer=layer, eps=eps):
-            feats.setdefault(layer, []).append(_rms(args[1], eps))
+            h = args[1].float()  # the adapter's input, normalised without its norm weight
+            feats.setdefault(layer, []).append(F.rms_norm(h, (h.shape[-1],), eps=eps))
 
         hooks.append(attn.register_forward_pre_hook(grab))
     try:
@@ -181,7 +177,6 @@ def warm_start(model: DecoderLM, sequences: torch.Tensor, cr: float, window: int
     feats, far, counts = collect(model, sequences, window)
     labelled = counts[: t - 1] >= min_far  # key j needs h_pre[j + 1]
     marked, agreement = [], []
-    samples = 0
     for layer, block in enumerate(model.model.layers):
         attn = block.self_attn
         x_all = feats[layer][:, 1:]  # [N, T-1, H]: position j + 1 decides key j
@@ -190,7 +185,6 @@ def warm_start(model: DecoderLM, sequences: torch.Tensor, cr: float, window: int
         s = stat[:, :, labelled].permute(0, 2, 1).reshape(-1, stat.shape[1])  # [M, Hkv]
         cut = torch.quantile(s.flatten().double(), target).item() if target > 0 else -math.inf
         y = s <= cut if target > 0 else torch.zeros_like(s, dtype=torch.bool)
-        samples = y.numel()
         if target > 0:
             u = _fit_layer(x, y, dms.initial_alpha_offset, iters, importance=s if weighted else None)
             u = _calibrate(x_all.reshape(-1, x_all.shape[-1]), u, dms.initial_alpha_offset, target)
@@ -204,4 +198,4 @@ def warm_start(model: DecoderLM, sequences: torch.Tensor, cr: float, window: int
         z_all = x_all.reshape(-1, x_all.shape[-1]) @ u.T - dms.initial_alpha_offset
         marked.append((z_all > 0).float().mean().item())
         agreement.append(((x @ u.T - dms.initial_alpha_offset > 0) == y).float().mean().item())
-    return WarmStartReport(len(model.model.layers), samples, target, marked, agreement)
+    return WarmStartReport(len(model.model.layers), y.numel(), target, marked, agreement)
