@@ -82,10 +82,24 @@ def convert_gguf(gguf_path: str | Path, *, force: bool = False) -> Path:
             json.dump(raw, f, indent=2)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": name})
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out, replace=force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Move the finished conversion ``tmp`` to ``out`` in one rename, so that a reader never sees a
+    partial folder. Another process may have converted the same file meanwhile: its folder stands
+    (it may be in use) unless ``replace``, which first renames it aside."""
+    if replace and out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=".old-"))
+        os.replace(out, old / "converted")
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        # another process published the same conversion first: keep it, drop ours
