@@ -35,6 +35,20 @@ def test_unknown_or_missing_shipped_names_are_clear(tmp_path, monkeypatch):
         shipped_retrofit("smollm2-135m-instruct-dms-cr8")
 
 
+def test_a_run_continues_from_a_shipped_retrofit_by_name():
+    """`dms retrofit --init-from smollm2-135m-instruct-dms-cr8`: the run starts from the shipped adapter."""
+    from safetensors.torch import load_file
+
+    from dms_runtime.retrofit.trainer import Retrofitter, RetrofitConfig
+
+    name = "smollm2-135m-instruct-dms-cr8"
+    lm = dr.load("smollm2-135m-instruct", dms={"dms_separate_alpha": True})
+    Retrofitter(lm.model, RetrofitConfig(final_cr=8, initial_cr=8, window=128, init_from=name))
+    shipped = load_file(str(shipped_retrofit(name) / "dms_weights.safetensors"))
+    params = dict(lm.model.named_parameters())
+    assert shipped and all(torch.equal(params[n], w) for n, w in shipped.items())
+
+
 @pytest.mark.parametrize("name,min_cr,max_kl", [("smollm2-135m-instruct-dms-cr4", 2.2, 0.08),
                                                 ("smollm2-135m-instruct-dms-cr8", 3.3, 0.12)])
 def test_compresses_a_held_out_text(name, min_cr, max_kl):

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=cli_int(0), default=1000, help="optimisation steps (0: only --warm-start)")
     p.add_argument("--steps-per-cr", type=cli_int(1), default=100)
     p.add_argument("--init-from", default=None,
-                   help="start from this retrofit folder's DMS weights (fresh optimizer), e.g. CR 8 from CR 4")
+                   help="start from the DMS weights of this retrofit folder or shipped retrofit (fresh optimizer), "
+                        "e.g. CR 8 from CR 4")
     p.add_argument("--cr-start", type=cli_float(1), default=1.0, help="CR where the anneal starts (the --init-from CR)")
     p.add_argument("--warm-start", type=cli_int(0), default=0, metavar="SEQUENCES",
                    help="before the first step, fit each layer's adapter from this many --seq-len sequences (one "
@@ -59,6 +60,12 @@ def add_parser(sub) -> None:
     p.add_argument("--data", nargs="+", default=["stdlib", "synthetic"],
                    help="'stdlib', 'synthetic', 'selfdistill' (the base model's own answers, cached), or .txt/.jsonl files")
     p.add_argument("--save-every", type=cli_int(1), default=100)
+    p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="keep the teacher's top-k next-token distributions here, one file per batch, and distil "
+                        "from them: a batch met again (a second epoch, a sweep on the same --data and --seed) "
+                        "skips the teacher's forward pass")
+    p.add_argument("--teacher-top-k", type=cli_int(1), default=64,
+                   help="teacher tokens kept per position in --teacher-cache (the rest is one tail bucket)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
     again.add_argument("--overwrite", action="store_true",
@@ -313,7 +320,14 @@ def run(args) -> int:
                          warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
                          autocast_bf16=args.autocast_bf16, warm_start=args.warm_start)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Retrofitter(lm.model, cfg, log_path=out / "log.jsonl", base_model=args.model)
+    cache = None
+    if args.teacher_cache is not None:
+        from .teacher_cache import CacheKey, TeacherCache
+
+        cache = TeacherCache(args.teacher_cache, CacheKey(base_model=args.model, k=args.teacher_top_k,
+                                                          vocab=lm.config.vocab_size, dtype=args.dtype,
+                                                          autocast_bf16=args.autocast_bf16))
+    trainer = Retrofitter(lm.model, cfg, log_path=out / "log.jsonl", base_model=args.model, teacher_cache=cache)
     if args.resume and has_state(out):
         trainer.resume(out)
     elif args.warm_start:

@@ -16,7 +16,7 @@ from ..models.decoder import DecoderLM
 from .. import validation as V
 from ..models.loading import load_named_weights, open_safetensors, read_json, read_tensor
 from .training_backend import TrainingAttention, eviction_off
-from .losses import compression_target, distillation_kl
+from .losses import compression_target, distillation_kl, topk_kl
 
 
 @dataclass(slots=True)
@@ -36,7 +36,7 @@ class RetrofitConfig:
     trainable: str = "dms"
     seed: int = 0
     autocast_bf16: bool = False  # bf16 autocast of the forward passes (fp32 master weights)
-    init_from: str | None = None  # a retrofit folder whose DMS weights start this run (fresh optimizer)
+    init_from: str | None = None  # a retrofit folder or shipped retrofit's name: its DMS weights start this run
     warm_start: int = 0  # sequences the adapter was fitted from before the first step (warm_start.py)
 
     def __post_init__(self):
@@ -69,7 +69,9 @@ class Retrofitter:
     """``step(input_ids, lengths)`` runs one optimisation step and returns its log record."""
 
     def __init__(self, model: DecoderLM, config: RetrofitConfig, log_path: str | Path | None = None,
-                 base_model: str | None = None):
+                 base_model: str | None = None, teacher_cache=None):
+        """teacher_cache: a :class:`.teacher_cache.TeacherCache`; then each step distils from the
+        teacher's cached top-k (computed on the first visit of its batch) with :func:`.losses.topk_kl`."""
         dms = model.config.dms
         if dms is None:
             raise ValueError("model: load it with DMS settings (dms={...}) before retrofitting")
@@ -79,9 +81,12 @@ class Retrofitter:
         dms.window_size, dms.tau, dms.cr, dms.disable_eviction = config.window, config.tau, config.final_cr, False
         self.model, self.config = model, config
         if config.init_from is not None:
-            init = Path(config.init_from) / "dms_weights.safetensors"
+            from ..hub import shipped_retrofit
+
+            init = (shipped_retrofit(config.init_from) or Path(config.init_from)) / "dms_weights.safetensors"
             if not init.is_file():
-                raise FileNotFoundError(f"init_from: {str(init)!r} does not exist (expected a retrofit folder)")
+                raise FileNotFoundError(f"init_from: {str(init)!r} does not exist (expected a retrofit folder "
+                                        f"or a shipped retrofit's name)")
             load_named_weights(model, init, what="init_from")
         names = set(dms_parameter_names(model)) if config.trainable == "dms" else None
         self.params = []
@@ -98,6 +103,7 @@ class Retrofitter:
             self.student = torch.nn.parallel.DistributedDataParallel(model)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed + self.rank)
         self.base_model = base_model
+        self.teacher_cache = teacher_cache
         self.step_count = 0
         self.log_path = Path(log_path) if log_path else None
 
@@ -116,12 +122,17 @@ class Retrofitter:
         mask = pos < lengths.to(dev)[:, None]
         model.train()
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
-        with torch.no_grad(), eviction_off(model), autocast:
-            teacher = model(input_ids, pos, FullSequenceAttention(lengths=lengths))
+        cached = self.teacher_cache.get(input_ids, lengths) if self.teacher_cache is not None else None
+        hit = cached is not None
+        if cached is None:
+            with torch.no_grad(), eviction_off(model), autocast:
+                teacher = model(input_ids, pos, FullSequenceAttention(lengths=lengths))
+            if self.teacher_cache is not None:
+                cached = self.teacher_cache.put(input_ids, lengths, teacher)
         backend = TrainingAttention(cfg.window, cfg.tau, self.generator, lengths)
         with autocast:
             student = self.student(input_ids, pos, backend)
-        kl = distillation_kl(student, teacher, mask)
+        kl = distillation_kl(student, teacher, mask) if cached is None else topk_kl(student, cached.to(dev), mask)
         hard = torch.stack(backend.hard)  # [L, B, Hkv, T]
         frac = hard.sum(dim=(0, 2, 3)) / (hard.shape[0] * hard.shape[2] * lengths.to(dev).clamp(min=1))
         target = compression_target(self.step_count, cfg.final_cr, cfg.steps_per_cr, cfg.initial_cr)
@@ -141,6 +152,8 @@ class Retrofitter:
             "achieved_cr": 1.0 / max(1e-9, 1.0 - frac.mean().item()), "grad_norm": float(grad_norm),
             "lr": self.lr_at(self.step_count - 1), "tokens_per_s": int(mask.sum()) / (time.perf_counter() - t0),
         }
+        if self.teacher_cache is not None:
+            record["teacher_cached"] = hit
         if self.log_path and self.rank == 0:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
