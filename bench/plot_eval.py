@@ -4,6 +4,8 @@ turns) into one set of rows: the Markdown tables of bench/RESULTS.md and the qua
     .venv/bin/python bench/plot_eval.py bench/results/2026-12-02-eval-*.json \
         --plot bench/results/2026-12-02-eval-curves.png
 
+A file given as ``FILE=NAME`` has its model renamed NAME in every row (a run of one model with another
+setting, e.g. `--dms-window 256`, made before `dms eval` put the window in the name).
 Fidelity rows (KL, greedy agreement, KV held and read) are taken from the first file that has them
 for a (method, model, length); each method's retrieval accuracy is recomputed over every file's
 retrieval rows: the mean over the tasks where vanilla is informative at that length.
@@ -22,13 +24,18 @@ from dms_runtime.retrofit.evaluate import MethodRow, RetrievalRow, mean_informat
 NAMES = {"vanilla": "vanilla", "dms": "DMS", "streaming": "StreamingLLM", "tova": "TOVA", "h2o": "H2O", "quest": "Quest"}
 
 
-def merge(paths: list[Path]) -> tuple[list[MethodRow], list[RetrievalRow]]:
+def merge(paths: list[Path | str]) -> tuple[list[MethodRow], list[RetrievalRow]]:
     methods: dict[tuple, MethodRow] = {}
     retrieval: dict[tuple, RetrievalRow] = {}
-    for path in paths:
+    for arg in paths:
+        path, _, rename = str(arg).partition("=")
+        path = Path(path)
         out = json.loads(path.read_text())
         if not isinstance(out, dict) or "methods" not in out:
             raise SystemExit(f"{path}: expected the output of `dms eval --json` with methods rows")
+        if rename:
+            for r in [*out["methods"], *out.get("retrieval", [])]:
+                r["model"] = rename
         for r in out.get("retrieval", []):
             row = RetrievalRow(**r)
             retrieval.setdefault((row.method, row.model if row.method != "vanilla" else "", row.task, row.length), row)
@@ -63,7 +70,7 @@ def markdown(mrows: list[MethodRow], rrows: list[RetrievalRow]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", nargs="+", type=Path, help="outputs of `dms eval --json`")
+    p.add_argument("json", nargs="+", help="outputs of `dms eval --json` (FILE=NAME: its model renamed NAME)")
     p.add_argument("--plot", default=None, help="write the quality-vs-KV figure to this PNG")
     args = p.parse_args(argv)
     mrows, rrows = merge(args.json)

@@ -35,8 +35,11 @@ def test_eval_cli_json(tiny_with_tokenizer, capsys, tmp_path):
     rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--lengths", "24", "32",
                "--sequences", "1", "--passkey-trials", "2", "--vartrack-trials", "2", "--json", "--plot", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(capsys.readouterr().out)["fidelity"]
+    out = json.loads(capsys.readouterr().out)
+    rows = out["fidelity"]
     assert rc == 0 and [r["length"] for r in rows] == [24, 32]
+    # the window set on the command line is part of the model's name in every row
+    assert {r["model"] for r in rows + out["methods"]} == {f"{tiny_with_tokenizer.name} w3"}
     assert all(0 <= r["passkey_accuracy_dms"] <= 1 and 0 <= r["passkey_accuracy_vanilla"] <= 1 for r in rows)
     assert all(0 <= r["vartrack_accuracy_dms"] <= 1 and 0 <= r["vartrack_accuracy_vanilla"] <= 1 for r in rows)
 

@@ -41,6 +41,13 @@ def test_runs_split_by_task_merge_into_one_retrieval_score(tmp_path):
     assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 0% |" in lines
     assert "| vartrack | 64 | 4 | DMS | m | - | 25% | no | - |" in lines
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    # the same model run again with another setting, renamed on the command line: a row of its own
+    (tmp_path / "w.json").write_text(json.dumps({"fidelity": [], "methods": [_method("dms", "m", 64, 0.05)]}))
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "a.json"),
+                          f"{tmp_path / 'w.json'}=m w256"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 50% |" in run.stdout.splitlines()
+    assert "| 64 | DMS | m w256 | 0.200 | 0.300 | 0.050 | 95.0% | - |" in run.stdout.splitlines()
     (tmp_path / "bad.json").write_text("[]")
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "bad.json")],
                          capture_output=True, text=True, timeout=300)

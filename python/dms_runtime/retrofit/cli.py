@@ -164,8 +164,10 @@ def plot_pareto(rows, path) -> None:
     plt.close(fig)
 
 
-def _label(name: str) -> str:
-    return Path(name).name if os.sep in name else name
+def _label(name: str, window: int | None = None) -> str:
+    """A model's name in the rows; a window set by --dms-window is part of it (``... w256``)."""
+    label = Path(name).name if os.sep in name else name
+    return label if window is None else f"{label} w{window}"
 
 
 def _base(lm) -> str:
@@ -187,30 +189,31 @@ def run_eval(args) -> int:
              if args.retrieval else None)
     fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
-    models = [(name, dr.load(name, dms={"dms_window_size": args.dms_window} if args.dms_window else None))
+    models = [(_label(name, args.dms_window),
+               dr.load(name, dms={"dms_window_size": args.dms_window} if args.dms_window else None))
               for name in args.model]
     for n in args.lengths:
-        for index, (name, lm) in enumerate(models):
+        for index, (label, lm) in enumerate(models):
             if args.calibrate:
-                ret_rows += suite.run(lm, n, _label(name), _base(lm), dms=False)
+                ret_rows += suite.run(lm, n, label, _base(lm), dms=False)
                 continue
             key = (_base(lm), n)
             if key not in vanilla:
                 vanilla.clear()  # keep one set: 8K tokens of logits are 1.6 GB
                 vanilla[key] = vanilla_logits(lm, heldout_sequences(lm, n, args.sequences))
             if args.policy:
-                row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, _label(name),
+                row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, label,
                                             vanilla=vanilla[key])
                 new_rows = [r for r in rows if r.method != "vanilla" or index == 0]
             else:
                 row = fidelity(lm, n, args.sequences, vanilla=vanilla[key])
-                new_rows = [MethodRow("vanilla", _label(name), n, None, 0.0, 1.0, 1.0, 1.0),
-                            MethodRow("dms", _label(name), n, None, row.kl_per_token, row.greedy_agreement,
+                new_rows = [MethodRow("vanilla", label, n, None, 0.0, 1.0, 1.0, 1.0),
+                            MethodRow("dms", label, n, None, row.kl_per_token, row.greedy_agreement,
                                       row.peak_live_fraction, row.read_fraction)]
                 if index:
                     new_rows = new_rows[1:]
             if suite is not None:
-                ret_rows += suite.run(lm, n, _label(name), _base(lm), policies=args.policy,
+                ret_rows += suite.run(lm, n, label, _base(lm), policies=args.policy,
                                       budget_fraction=row.peak_live_fraction)
                 for r in new_rows:
                     r.retrieval_accuracy = mean_informative(ret_rows, r.method, r.model, n)
@@ -221,7 +224,7 @@ def run_eval(args) -> int:
                 row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
             if args.vartrack_trials:
                 row.vartrack_accuracy_dms, row.vartrack_accuracy_vanilla = vartrack_accuracy(lm, n, args.vartrack_trials)
-            fid_rows.append({"model": _label(name), **row.to_dict()})
+            fid_rows.append({"model": label, **row.to_dict()})
     if args.plot and method_rows:
         plot_pareto(method_rows, args.plot)
     if args.json:
