@@ -29,6 +29,9 @@ __all__ = [
     "adapter_eviction_logits",
     "zero_borrowed_channel",
     "eviction_decisions",
+    "SINK_LOGIT",
+    "sink_mask",
+    "keep_sinks",
     "visibility_mask",
     "dms_attention",
     "dms_attention_cached",
@@ -160,6 +163,40 @@ def eviction_decisions(logits: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
     out[..., :-1] = logits[..., 1:] > 0
     return out
+
+
+# ----------------------------------------------------------------------------- sinks (an extension)
+
+# The logit written where a sink's decision is taken: far below 0 (keep), finite so that training's
+# ``(logit + noise) / tau`` and ``logsigmoid(-z)`` stay exact (sigmoid 0, bias 0) with no inf arithmetic.
+SINK_LOGIT = -1.0e4
+
+
+def sink_mask(positions: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """``[B, T]`` absolute positions -> bool ``[B, T]``: the positions whose logit decides a sink.
+
+    With ``sink_tokens = n`` the first ``n`` keys of every sequence (positions ``0 .. n-1``) are
+    never evicted. By the shift of §2 key ``j`` is decided at position ``j + 1``, so the marked
+    positions are ``1 .. n``. ``n = 0`` (the default of ``dms_sink_tokens``) marks nothing: plain DMS.
+    """
+    _check_tensor("positions", positions, 2, "[B, T]")
+    if positions.is_floating_point() or positions.dtype == torch.bool:
+        raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens: expected an int >= 0, got {sink_tokens!r}")
+    return (positions >= 1) & (positions <= sink_tokens)
+
+
+def keep_sinks(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, T]`` logits with every KV head's logit set to :data:`SINK_LOGIT` (keep) where
+    ``mask`` ``[B, T]`` (from :func:`sink_mask`) is set; a new tensor, ``logits`` is not changed."""
+    _check_tensor("logits", logits, 3, "[B, Hkv, T]", floating=True)
+    _check_tensor("mask", mask, 2, "[B, T]", dtype=torch.bool)
+    if mask.shape != (logits.shape[0], logits.shape[2]):
+        raise ValueError(f"mask: expected shape {(logits.shape[0], logits.shape[2])} (B, T of logits), "
+                         f"got {tuple(mask.shape)}")
+    _check_same_device(logits=logits, mask=mask)
+    return logits.masked_fill(mask[:, None, :], SINK_LOGIT)
 
 
 # ----------------------------------------------------------------------------- §3 visibility

@@ -18,6 +18,7 @@ DMS_KEYS = {
     "dms_alpha_per": ("alpha_per", "head"),
     "dms_tau": ("tau", 0.1),
     "dms_disable_eviction": ("disable_eviction", False),
+    "dms_sink_tokens": ("sink_tokens", 0),  # ours: 0 in released checkpoints (plain DMS)
 }
 
 
@@ -33,6 +34,9 @@ class DMSConfig:
     alpha_per: "head" (each KV head decides) or "layer" (KV head 0 decides for all).
     tau: Gumbel-sigmoid temperature used in training.
     disable_eviction: behave as the vanilla model.
+    sink_tokens: the first ``n`` keys of every sequence are never evicted (their decisions forced
+        to keep; ``dms_kernels.reference.sink_mask``). 0, plain DMS, is the default and what
+        released checkpoints assume; an extension of the semantics document.
     """
 
     window_size: int = 256
@@ -43,6 +47,7 @@ class DMSConfig:
     alpha_per: str = "head"
     tau: float = 0.1
     disable_eviction: bool = False
+    sink_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,6 +65,7 @@ class DMSConfig:
         V.choice("dms_alpha_per", self.alpha_per, ("head", "layer"))
         self.tau = V.number("dms_tau", self.tau, 0, lo_open=True)
         V.boolean("dms_disable_eviction", self.disable_eviction)
+        self.sink_tokens = V.integer("dms_sink_tokens", self.sink_tokens, 0, V.MAX_WINDOW)
         if not isinstance(self.extra, dict):
             raise V.SettingTypeError(f"extra: expected a dict of unknown dms_* keys, got {type(self.extra).__name__}")
 

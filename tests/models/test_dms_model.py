@@ -129,6 +129,34 @@ def test_alpha_per_layer_uses_kv_head_0_everywhere(tiny_factory):
     assert torch.equal(logits[:, 1], logits[:, 0])
 
 
+def test_sink_tokens_keep_the_first_keys_in_every_layer(tiny_factory):
+    """dms_sink_tokens = 3: the logits at positions 1..3 (which decide keys 0..2) are forced to keep
+    in every layer, for any chunk that holds them; everything else is the plain model's."""
+    folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 2, "dms_initial_alpha_offset": 0.0,
+                                                          "dms_sink_tokens": 3})
+    model, _ = load_model(folder)
+    plain, _ = load_model(folder, dms={"dms_sink_tokens": 0})
+    assert model.config.dms.sink_tokens == 3 and model.config.dms.to_hf_dict()["dms_sink_tokens"] == 3
+    torch.manual_seed(0)
+    ids, pos = torch.randint(0, 131, (2, 12)), torch.arange(12)[None].expand(2, -1)
+    ours, theirs = Spy(2), Spy(2)
+    with torch.no_grad():
+        model(ids, pos, ours)
+        plain(ids, pos, theirs)
+    mine, base = ours.seen[0][3], theirs.seen[0][3]  # layer 0 reads the same residual stream
+    assert (base[..., 1:4] > 0).any()  # without sinks some of the first keys are evicted
+    assert (mine[..., 1:4] == ref.SINK_LOGIT).all()
+    assert torch.equal(mine[..., :1], base[..., :1]) and torch.equal(mine[..., 4:], base[..., 4:])
+    assert all((seen[3][..., 1:4] == ref.SINK_LOGIT).all() for seen in ours.seen.values())
+    later = Spy(2)  # a chunk starting at position 2 decides keys 1 and 2 at its first two columns
+    with torch.no_grad():
+        model(ids[:, 2:], pos[:, 2:], later)
+    assert (later.seen[0][3][..., :2] == ref.SINK_LOGIT).all() and torch.equal(later.seen[0][3][..., 2:],
+                                                                              base[..., 4:])
+    with pytest.raises(ValueError, match="dms_sink_tokens: expected an int >= 0"):
+        DMSConfig(sink_tokens=-1)
+
+
 def test_disable_eviction_behaves_as_vanilla(tiny_factory):
     folder, _ = tiny_factory(arch="llama", extra_config={"dms_window_size": 1, "dms_initial_alpha_offset": -50.0,
                                                           "dms_disable_eviction": True})

@@ -180,6 +180,35 @@ def test_adapter_logits_by_hand():
     torch.testing.assert_close(out[0], torch.tensor(exp), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("sinks,first,expected", [
+    (0, 0, []),                       # plain DMS: nothing forced
+    (1, 0, [1]),                      # key 0 is decided at position 1
+    (3, 0, [1, 2, 3]),
+    (3, 2, [2, 3]),                   # a chunk starting at position 2: keys 1 and 2 are decided here
+    (3, 4, []),                       # past the sinks
+])
+def test_sink_mask_marks_the_positions_that_decide_the_first_keys(sinks, first, expected):
+    positions = torch.arange(first, first + 6)[None]
+    mask = ref.sink_mask(positions, sinks)
+    assert positions[mask].tolist() == expected
+
+
+def test_sinks_are_kept_by_the_decisions_and_the_training_bias():
+    """Every logit above 0 (all evicted) but with 2 sinks: keys 0 and 1 stay visible to every query,
+    in the decisions (§2) and in training's bias (§4: log(1 - 0) = 0); the other keys do not."""
+    t, w = 6, 1
+    logits = torch.full((1, 2, t), 5.0)
+    kept = ref.keep_sinks(logits, ref.sink_mask(torch.arange(t)[None], 2))
+    assert torch.equal(logits, torch.full((1, 2, t), 5.0))  # a new tensor
+    dec = ref.eviction_decisions(kept)
+    assert dec[0, :, :2].logical_not().all() and dec[0, :, 2:-1].all()
+    vis = ref.visibility_mask(dec, w)[0, 0]
+    assert vis[t - 1, :2].all() and not vis[t - 1, 2 : t - 2].any()
+    noise = torch.full((1, 2, t), 50.0)  # noise far toward eviction does not evict a sink
+    bias = ref.training_bias(kept, w, 0.1, noise)[0]
+    assert (bias[:, t - 1, :2] == 0).all() and (bias[:, t - 1, 2 : t - 2] < -100).all()
+
+
 def test_training_bias_by_hand():
     logits = torch.tensor([[[0.3, -0.2, 0.5, 1.0]]])
     noise = torch.tensor([[[0.1, 0.2, -0.3, 0.0]]])

@@ -35,6 +35,12 @@ def q4(*shape):
     (lambda: ref.adapter_eviction_logits(q4(1, 3, 8), torch.ones(7), q4(2, 8)), "norm_weight"),
     (lambda: ref.adapter_eviction_logits(q4(1, 3, 8), torch.ones(8), q4(2, 7)), "proj_weight"),
     (lambda: ref.adapter_eviction_logits(q4(1, 3, 8), torch.ones(8), q4(2, 8), torch.zeros(3)), "proj_bias"),
+    (lambda: ref.sink_mask(torch.arange(4), 2), "positions: expected a 2-D"),
+    (lambda: ref.sink_mask(torch.arange(4.0)[None], 2), "positions: expected an integer"),
+    (lambda: ref.sink_mask(torch.arange(4)[None], -1), "sink_tokens: expected an int >= 0"),
+    (lambda: ref.sink_mask(torch.arange(4)[None], 2.0), "sink_tokens"),
+    (lambda: ref.keep_sinks(q4(1, 2, 4), torch.zeros(1, 5, dtype=torch.bool)), "mask: expected shape"),
+    (lambda: ref.keep_sinks(q4(1, 2, 4), torch.zeros(1, 4)), "mask: expected dtype torch.bool"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -85,8 +85,9 @@ def test_compare_methods_puts_policies_at_the_dms_budget(tiny_with_tokenizer):
 
 
 def test_eval_cli_policies_table_and_plot(tiny_with_tokenizer, capsys, tmp_path):
-    rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--lengths", "32", "--sequences", "1",
-               "--policy", "streaming", "quest", "--plot", str(tmp_path / "p.png")])
+    rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-sinks", "2", "--lengths", "32",
+               "--sequences", "1", "--policy", "streaming", "quest", "--plot", str(tmp_path / "p.png")])
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "streaming" in out and "quest" in out and "budget" in out
+    assert f"{tiny_with_tokenizer.name} w3 s2" in out  # the settings given are part of the model's name

@@ -138,12 +138,13 @@ def test_cli_warm_start_alone_writes_a_loadable_retrofit(tiny_with_tokenizer, tm
     out = tmp_path / "ws"
     assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(out), "--cr", "4", "--cr-start", "4",
                  "--steps", "0", "--warm-start", "2", "--seq-len", "96", "--window", "8", "--batch", "1",
-                 "--data", "synthetic"]) == 0
+                 "--data", "synthetic", "--sinks", "2"]) == 0
     fit = json.loads((out / "warm_start.json").read_text())
     assert fit["sequences"] == 2 and fit["target_fraction"] == pytest.approx(0.75)
     settings = json.loads((out / "dms_config.json").read_text())
-    assert settings["retrofit"]["warm_start"] == 2
+    assert settings["retrofit"]["warm_start"] == 2 and settings["dms_sink_tokens"] == 2
     lm = dr.load(str(out))
+    assert lm.config.dms.sink_tokens == 2
     assert any(p.abs().sum() > 0 for n, p in lm.model.named_parameters() if n.endswith("dms_proj_alpha.weight"))
     assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(tmp_path / "x"), "--warm-start", "2",
                  "--init-from", str(out), "--steps", "1"]) == 2

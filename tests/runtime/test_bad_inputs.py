@@ -348,6 +348,9 @@ CLI = [
     (["eval", "-m", "x", "--sequences", "-1"], "argument --sequences"),
     (["eval", "-m", "x", "--passkey-trials", "-1"], "argument --passkey-trials"),
     (["eval", "-m", "x", "--dms-window", "0"], "argument --dms-window"),
+    (["eval", "-m", "x", "--dms-sinks", "-1"], "argument --dms-sinks: expected an int >= 0"),
+    (["generate", "--dms-sinks", "x", "x"], "argument --dms-sinks"),
+    (["retrofit", "--out", "{tmp}/o", "--sinks", "-2"], "argument --sinks"),
 ]
 
 

@@ -24,9 +24,10 @@ def gen(request):
     return functools.partial(dr.generate, backend=request.param)
 
 
-@pytest.fixture(params=["llama", "qwen3"])
+@pytest.fixture(params=["llama", "qwen3", "llama-sinks"])
 def dms_model(request, tiny_factory):
-    folder, _ = tiny_factory(arch=request.param, extra_config=EVICTING)
+    arch, _, sinks = request.param.partition("-")
+    folder, _ = tiny_factory(arch=arch, extra_config={**EVICTING, **({"dms_sink_tokens": 2} if sinks else {})})
     return dr.load(folder)
 
 
@@ -58,6 +59,7 @@ def test_cached_decoding_equals_the_definition(dms_model, gen):
         for layer in range(lm.config.num_layers):
             d = backend.decisions[layer]
             evicted_somewhere |= bool(d.any())
+            assert not d[..., : lm.config.dms.sink_tokens].any()  # dms_sink_tokens: never evicted
             live = ref.live_tokens(d, 3, len(seq) - 1)[0].tolist()
             assert out.live_tokens[layer] == live
     assert evicted_somewhere

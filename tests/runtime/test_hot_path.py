@@ -192,3 +192,25 @@ def test_auto_is_resolved_once_at_engine_construction(lm, monkeypatch):
     want = "torch" if cpu.unavailable_reason(torch.device("cpu")) else "cpu"
     assert calls == ["auto"] and eng.attention_name == want
     assert eng.stats.kernels["decode"] == want and isinstance(eng.runner.kernels, TorchKernels) == (want == "torch")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (set by the test run)")
+def test_sinks_hold_when_the_triton_projection_records_the_decision(tiny_factory):
+    """The Triton projection records the previous key's decision from the raw logit; a sink's decision
+    (a step starting at positions 1..n: here decode steps of one- and two-token prompts and a chunk
+    boundary) is recorded again from the kept logit, so the kernels give the oracle's tokens."""
+    folder, _ = tiny_factory(arch="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             extra_config={"dms_window_size": 2, "dms_initial_alpha_offset": -2.0,
+                                           "dms_alpha_scale": 200.0, "dms_sink_tokens": 3})
+    lm = dr.load(folder)
+    ps = [[7], [3, 1], [2, 7, 1, 8, 2, 8, 1, 8]]
+    ref = dr.generate(lm, ps, max_new_tokens=12, ignore_eos=True, backend="oracle")
+    plain = dr.generate(dr.load(folder, dms={"dms_sink_tokens": 0}), ps, max_new_tokens=12, ignore_eos=True,
+                        backend="oracle")
+    assert [o.live_tokens for o in ref.outputs] != [o.live_tokens for o in plain.outputs]  # sinks matter here
+    got = dr.generate(lm, ps, max_new_tokens=12, ignore_eos=True,
+                      paged=PagedConfig(attention="triton", page_size=2, prefill_chunk=2, max_seqs=3))
+    assert got.stats.kernels["projection"] == "triton"
+    assert got.token_ids == ref.token_ids
+    assert [o.live_tokens for o in got.outputs] == [o.live_tokens for o in ref.outputs]

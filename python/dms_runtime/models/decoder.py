@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dms_kernels import reference as ref
+
 from ..config import ModelConfig
 from .attention import AttentionBackend, DMSAttention
 from .layers import GatedMLP, RMSNorm, Rotary
@@ -19,8 +21,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, backend):
-        h = h + self.self_attn(self.input_layernorm(h), h, cos, sin, backend)
+    def forward(self, h, cos, sin, backend, sinks=None):
+        h = h + self.self_attn(self.input_layernorm(h), h, cos, sin, backend, sinks)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -61,8 +63,11 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:  # [B, T, V], or [B, 1, V] with logits_index
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)
+        dms = self.config.dms
+        # Planned once per step: the positions whose logit decides a sink (dms_sink_tokens), or None.
+        sinks = ref.sink_mask(positions, dms.sink_tokens) if self.config.dms_active and dms.sink_tokens else None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, backend)
+            h = layer(h, cos, sin, backend, sinks)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index][:, None]
         return self.lm_head(self.model.norm(h))

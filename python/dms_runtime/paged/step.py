@@ -23,6 +23,11 @@ class PagedStep:
         self.cache, self.plan, self.kernels = cache, plan, kernels
         # whether the projection op records the previous key's decision (the same for every layer)
         self._projection_records = kernels.projection(cache.cfg) != "torch"
+        # That op records it from the raw logit; a step whose first logit decides a sink (a start in
+        # 1..dms_sink_tokens, known on the host from the plan) records it again from the kept logit.
+        cfg = cache.cfg
+        sinks = cfg.dms.sink_tokens if cfg.dms_active else 0
+        self._record = not self._projection_records or any(1 <= s <= sinks for s in plan.starts_host)
 
     @property
     def slots(self) -> torch.Tensor:
@@ -43,7 +48,7 @@ class PagedStep:
             nxt = torch.zeros_like(new_evict)
             nxt[..., :-1] = logits[..., 1:] > 0
             new_evict = nxt & (a[None, None, :] + 1 < plan.n_new[:, None, None])  # the last new key: keep
-            if not self._projection_records:
+            if self._record:
                 c.record_previous_decision(lists, plan.starts, logits[..., 0] > 0)
         ring_evict = c.ring_evict[lists]
         out = self.kernels.attend(c, plan, layer, q, k, v, new_evict, ring_evict)

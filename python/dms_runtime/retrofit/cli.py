@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "least, calibrated to --cr; then --cr-start may be --cr (warm_start.json: the fit)")
     p.add_argument("--window", type=cli_int(1, MAX_WINDOW), default=256)
     p.add_argument("--tau", type=cli_float(0, lo_open=True), default=0.1)
+    p.add_argument("--sinks", type=cli_int(0, MAX_WINDOW), default=0, metavar="N",
+                   help="the first N keys of every sequence are never evicted, in training and in the "
+                        "retrofit's dms_config.json (dms_sink_tokens; 0: plain DMS)")
     p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
     p.add_argument("--trainable", choices=["dms", "all"], default="dms")
     p.add_argument("--lr", type=cli_float(0, lo_open=True), default=3e-5,
@@ -101,6 +104,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="only vanilla on the --retrieval cases (the model may be a vanilla one); no fidelity, no figure")
     p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None)
+    p.add_argument("--dms-sinks", type=cli_int(0, MAX_WINDOW), default=None, metavar="N",
+                   help="override dms_sink_tokens: the first N keys are never evicted (0: plain DMS)")
     p.add_argument("--plot", default=None, help="write KL, greedy agreement and retrieval accuracy against "
                                                 "KV memory held and KV tokens read to this PNG")
     p.add_argument("--json", action="store_true")
@@ -164,10 +169,22 @@ def plot_pareto(rows, path) -> None:
     plt.close(fig)
 
 
-def _label(name: str, window: int | None = None) -> str:
-    """A model's name in the rows; a window set by --dms-window is part of it (``... w256``)."""
+def _label(name: str, window: int | None = None, sinks: int | None = None) -> str:
+    """A model's name in the rows; a window set by --dms-window and sinks set by --dms-sinks are part
+    of it (``... w256``, ``... s4``)."""
     label = Path(name).name if os.sep in name else name
-    return label if window is None else f"{label} w{window}"
+    label = label if window is None else f"{label} w{window}"
+    return label if sinks is None else f"{label} s{sinks}"
+
+
+def _overrides(args) -> dict | None:
+    """The DMS settings --dms-window / --dms-sinks give, as config.json keys (None: none given)."""
+    dms = {}
+    if args.dms_window is not None:
+        dms["dms_window_size"] = args.dms_window
+    if args.dms_sinks is not None:
+        dms["dms_sink_tokens"] = args.dms_sinks
+    return dms or None
 
 
 def _base(lm) -> str:
@@ -189,8 +206,7 @@ def run_eval(args) -> int:
              if args.retrieval else None)
     fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
-    models = [(_label(name, args.dms_window),
-               dr.load(name, dms={"dms_window_size": args.dms_window} if args.dms_window else None))
+    models = [(_label(name, args.dms_window, args.dms_sinks), dr.load(name, dms=_overrides(args)))
               for name in args.model]
     for n in args.lengths:
         for index, (label, lm) in enumerate(models):
@@ -314,7 +330,7 @@ def run(args) -> int:
     world = torch.distributed.get_world_size() if distributed else 1
     device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     dms = {"dms_window_size": args.window, "dms_separate_alpha": args.variant == "adapter", "dms_tau": args.tau,
-           "dms_cr": args.cr}
+           "dms_cr": args.cr, "dms_sink_tokens": args.sinks}
     lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms)
     if lm.tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
