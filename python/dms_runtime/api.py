@@ -84,7 +84,7 @@ def load(
     tensor_parallel: int = 1,
 ) -> LoadedModel:
     """Load a model by embedded name (``"smollm2-135m-instruct"``, or its shipped DMS retrofits
-    ``"smollm2-135m-instruct-dms-cr4"`` / ``"-cr8"``), local folder, retrofit folder or ``.gguf`` file.
+    ``"smollm2-135m-instruct-dms-cr2"`` / ``"-cr4"`` / ``"-cr8"``), local folder, retrofit folder or ``.gguf`` file.
 
     ``dms`` gives or overrides the DMS settings (a :class:`DMSConfig`, or a dict with keys
     like ``{"dms_window_size": 256}``); a checkpoint without ``dms_*`` keys loads as vanilla.
