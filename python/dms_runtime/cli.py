@@ -28,10 +28,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dms-window", type=cli_int(1, V.MAX_WINDOW), default=None,
-                   help="give or override the DMS delay window")
-    p.add_argument("--dms-sinks", type=cli_int(0, V.MAX_WINDOW), default=None, metavar="N",
-                   help="give or override dms_sink_tokens: the first N keys are never evicted")
+    V.add_dms_overrides(p)
     p.add_argument("--no-eviction", action="store_true", help="run a DMS model with eviction off")
     p.add_argument("--backend", default="paged", choices=["paged", "oracle"],
                    help="paged (the serving engine, default) or oracle (the dense cache the paged runtime is tested against)")
@@ -52,11 +49,7 @@ def _generate(args) -> int:
     if not prompts:
         print("dms generate: give at least one prompt (positional or --prompt)", file=sys.stderr)
         return 2
-    dms = {}
-    if args.dms_window is not None:
-        dms["dms_window_size"] = args.dms_window
-    if args.dms_sinks is not None:
-        dms["dms_sink_tokens"] = args.dms_sinks
+    dms = V.dms_overrides(args)
     if args.no_eviction:
         dms["dms_disable_eviction"] = True
     lm = dr.load(args.model, dtype=args.dtype, device=args.device, dms=dms or None,

@@ -181,6 +181,20 @@ def cli_int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int
     return parse
 
 
+def add_dms_overrides(p: argparse.ArgumentParser) -> None:
+    """``--dms-window`` / ``--dms-sinks``: DMS settings given or overridden at load (``dms_overrides``)."""
+    p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None,
+                   help="give or override the DMS delay window")
+    p.add_argument("--dms-sinks", type=cli_int(0, MAX_WINDOW), default=None, metavar="N",
+                   help="give or override dms_sink_tokens: the first N keys are never evicted (0: plain DMS)")
+
+
+def dms_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The config.json keys ``--dms-window`` / ``--dms-sinks`` give (empty when neither is)."""
+    given = {"dms_window_size": args.dms_window, "dms_sink_tokens": args.dms_sinks}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def cli_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
               hi_open: bool = False) -> Callable[[str], float]:
     """An argparse ``type`` for finite floats in a range (nan and inf are refused)."""

@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from ..validation import MAX_SEED, MAX_SEQS, MAX_TOKENS, MAX_WINDOW, UserError, cli_float, cli_int
+from ..validation import (MAX_SEED, MAX_SEQS, MAX_TOKENS, MAX_WINDOW, UserError, add_dms_overrides, cli_float,
+                          cli_int, dms_overrides)
 
 # what a retrofit writes into --out; --overwrite removes these (and nothing else) first
 OUTPUT_FILES = ("dms_weights.safetensors", "dms_config.json", "trainer_state.safetensors", "trainer_state.json",
@@ -103,9 +104,7 @@ def add_eval_parser(sub) -> None:
                    help="vanilla accuracy below which a (task, length) is reported as uninformative")
     p.add_argument("--calibrate", action="store_true",
                    help="only vanilla on the --retrieval cases (the model may be a vanilla one); no fidelity, no figure")
-    p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None)
-    p.add_argument("--dms-sinks", type=cli_int(0, MAX_WINDOW), default=None, metavar="N",
-                   help="override dms_sink_tokens: the first N keys are never evicted (0: plain DMS)")
+    add_dms_overrides(p)
     p.add_argument("--plot", default=None, help="write KL, greedy agreement and retrieval accuracy against "
                                                 "KV memory held and KV tokens read to this PNG")
     p.add_argument("--json", action="store_true")
@@ -177,15 +176,6 @@ def _label(name: str, window: int | None = None, sinks: int | None = None) -> st
     return label if sinks is None else f"{label} s{sinks}"
 
 
-def _overrides(args) -> dict | None:
-    """The DMS settings --dms-window / --dms-sinks give, as config.json keys (None: none given)."""
-    dms = {}
-    if args.dms_window is not None:
-        dms["dms_window_size"] = args.dms_window
-    if args.dms_sinks is not None:
-        dms["dms_sink_tokens"] = args.dms_sinks
-    return dms or None
-
 
 def _base(lm) -> str:
     """What models sharing vanilla logits and retrieval cases have in common: the base weights."""
@@ -206,7 +196,7 @@ def run_eval(args) -> int:
              if args.retrieval else None)
     fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
-    models = [(_label(name, args.dms_window, args.dms_sinks), dr.load(name, dms=_overrides(args)))
+    models = [(_label(name, args.dms_window, args.dms_sinks), dr.load(name, dms=dms_overrides(args) or None))
               for name in args.model]
     for n in args.lengths:
         for index, (label, lm) in enumerate(models):
