@@ -247,16 +247,18 @@ def fused_project(
     eps: float,
     scale: float,
     offset: float,
+    sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q/k norm, eviction logit, borrowed-channel zeroing, RoPE and the previous key's decision
-    for the new tokens of one layer (``variant``: "borrowed", "adapter" or "none")."""
+    """q/k norm, eviction logit, borrowed-channel zeroing, RoPE, the attention sinks (the first
+    ``sink_tokens`` keys kept) and the previous key's decision for the new tokens of one layer
+    (``variant``: "borrowed", "adapter" or "none")."""
     _runnable(q_raw)
     from .triton.project_op import fused_project as launch
 
     q, k, logits = launch(q_raw, k_raw, cos, sin, num_kv_heads=num_kv_heads, q_norm_weight=q_norm_weight,
                           k_norm_weight=k_norm_weight, eps=eps, variant=None if variant == "none" else variant,
                           adapter_logits=adapter_logits, scale=scale, offset=offset, ring_evict=ring_evict,
-                          lists=lists, starts=starts, n_new=n_new)
+                          lists=lists, starts=starts, n_new=n_new, sink_tokens=sink_tokens)
     if logits is None:
         logits = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
     return q, k, logits
@@ -264,7 +266,7 @@ def fused_project(
 
 @fused_project.register_fake
 def _(q_raw, k_raw, cos, sin, q_norm_weight, k_norm_weight, adapter_logits, ring_evict, lists, starts, n_new,
-      num_kv_heads, variant, eps, scale, offset):
+      num_kv_heads, variant, eps, scale, offset, sink_tokens=0):
     b, t, _ = q_raw.shape
     d = k_raw.shape[2] // num_kv_heads
     hq = q_raw.shape[2] // d

@@ -111,7 +111,7 @@ def project_specs() -> list[KernelSpec]:
                         "Cos": "*fp32", "Sin": "*fp32", "AdapterLogits": "*fp32", "QOut": f"*{dtype}",
                         "KOut": f"*{dtype}", "Logits": "*fp32", "RingEvict": "*i8", "Lists": "*i64", "Starts": "*i64",
                         "NNew": "*i64", "T": "i32", "HQ": "i32", "H": "i32", "G": "i32", "W": "i32", "eps": "fp32",
-                        "scale": "fp32", "offset": "fp32", "stride_rw": "i32",
+                        "scale": "fp32", "offset": "fp32", "sinks": "i32", "stride_rw": "i32",
                         "D": "constexpr", "QK_NORM": "constexpr", "BORROWED": "constexpr", "ADAPTER": "constexpr",
                     }
                     const = {"D": d, "QK_NORM": qk_norm, "BORROWED": variant == "borrowed", "ADAPTER": variant == "adapter"}

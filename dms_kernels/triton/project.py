@@ -3,8 +3,10 @@
 From the raw q/k projections of the new tokens: the per-head q/k RMSNorm (Qwen3), the eviction
 logit (borrowed channel ``D-1`` of the first query head of each group, in float32, scaled and
 offset) or the adapter's logit given as input, zeroing of that channel before and after RoPE,
-RoPE on q and k, and the decision of the previous key (``logit at the chunk's first position >
-0``) written into the cache's ring. Grid: (B * T, Hq + Hkv); a program handles one head row.
+RoPE on q and k, the attention sinks (with ``sinks = n``, the logits at positions ``1 .. n``, which
+decide keys ``0 .. n-1``, are set to ``SINK_LOGIT``: keep, as ``reference.keep_sinks``), and the
+decision of the previous key (``logit at the chunk's first position > 0``, after the sinks) written
+into the cache's ring. Grid: (B * T, Hq + Hkv); a program handles one head row.
 
 The new k/v are *not* written here: the key ``w`` positions back must stay visible to the new
 query, and it lives in the ring slot the new key will take. The store kernel runs after attention.
@@ -14,6 +16,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..reference import SINK_LOGIT
+
+_SINK_LOGIT = tl.constexpr(SINK_LOGIT)
 
 
 @triton.jit
@@ -40,6 +46,7 @@ def project_kernel(
     eps,
     scale,
     offset,
+    sinks,  # dms_sink_tokens: the first ``sinks`` keys are kept
     stride_rw,
     D: tl.constexpr,
     QK_NORM: tl.constexpr,
@@ -79,6 +86,7 @@ def project_kernel(
             first = (head % G) == 0
             if BORROWED and first:
                 logit = tl.sum(tl.where(d == D - 1, x, 0.0), axis=0) * scale - offset  # float32
+                logit = _keep_sink(logit, Starts, b, t, sinks)
                 tl.store(Logits + (b * H + kv) * T + t, logit)
                 if t == 0:
                     _record_previous(RingEvict, Lists, Starts, b, kv, H, W, stride_rw, logit)
@@ -93,10 +101,17 @@ def project_kernel(
             y = x * c + sign * xr * s
             tl.store(KOut + ((b * H + kh) * T + t) * D + d, y.to(KOut.dtype.element_ty))
             if ADAPTER:
-                logit = tl.load(AdapterLogits + (b * H + kh) * T + t)
+                logit = _keep_sink(tl.load(AdapterLogits + (b * H + kh) * T + t), Starts, b, t, sinks)
                 tl.store(Logits + (b * H + kh) * T + t, logit)
                 if t == 0:
                     _record_previous(RingEvict, Lists, Starts, b, kh, H, W, stride_rw, logit)
+
+
+@triton.jit
+def _keep_sink(logit, Starts, b, t, sinks):
+    """The logit at position ``start + t``, or ``SINK_LOGIT`` where that position decides a sink key."""
+    pos = tl.load(Starts + b) + t
+    return tl.where((pos >= 1) & (pos <= sinks), _SINK_LOGIT, logit)
 
 
 @triton.jit

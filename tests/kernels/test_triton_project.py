@@ -20,27 +20,29 @@ def rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
 @pytest.mark.parametrize("variant", ["borrowed", "adapter", None])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("b,t,hq,h,d,dtype", [(2, 5, 8, 2, 16, torch.float32), (1, 1, 4, 4, 32, torch.float32),
                                               (3, 3, 6, 2, 64, torch.float32), (2, 4, 8, 1, 128, torch.bfloat16)])
-def test_project_matches_the_reference_path(variant, qk_norm, b, t, hq, h, d, dtype):
+def test_project_matches_the_reference_path(variant, qk_norm, b, t, hq, h, d, dtype, sinks):
     from dms_kernels.triton.project_op import fused_project
 
     q_raw, k_raw = (torch.randn(b, t, hq * d) * 0.1).to(dtype), torch.randn(b, t, h * d).to(dtype)
     qw, kw = (torch.rand(d) + 0.5).to(dtype), (torch.rand(d) + 0.5).to(dtype)
-    pos = torch.randint(0, 50, (b, 1)) + torch.arange(t)
+    # first positions 0, 2 (a chunk starting among the sinks: its first logit decides sink key 1), 7
+    starts = torch.tensor([0, 2, 7])[torch.arange(b) % 3]
+    pos = starts[:, None] + torch.arange(t)
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     emb = torch.cat([pos[..., None] * inv] * 2, -1)[:, None]
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     adapter = torch.randn(b, h, t)
-    starts = torch.tensor([0] + [7] * (b - 1))
     lists = torch.arange(b * h).view(b, h) * 3
     ring = torch.zeros(b * h * 3, 4, dtype=torch.bool)
     q, k, logits = fused_project(q_raw, k_raw, cos, sin, num_kv_heads=h, q_norm_weight=qw if qk_norm else None,
                                  k_norm_weight=kw if qk_norm else None, eps=1e-6, variant=variant,
                                  adapter_logits=adapter, scale=100.0, offset=5.0, ring_evict=ring, lists=lists,
-                                 starts=starts, n_new=torch.full((b,), t))
+                                 starts=starts, n_new=torch.full((b,), t), sink_tokens=sinks)
     eq = q_raw.view(b, t, hq, d).transpose(1, 2)
     ek = k_raw.view(b, t, h, d).transpose(1, 2)
     if qk_norm:
@@ -51,6 +53,8 @@ def test_project_matches_the_reference_path(variant, qk_norm, b, t, hq, h, d, dt
         eq = ref.zero_borrowed_channel(eq, h)
     elif variant == "adapter":
         exp_logits = adapter
+    if exp_logits is not None:
+        exp_logits = ref.keep_sinks(exp_logits.float(), ref.sink_mask(pos, sinks))
     eq, ek = rope(eq, cos, sin), rope(ek, cos, sin)
     if variant == "borrowed":
         eq = ref.zero_borrowed_channel(eq, h)
@@ -74,3 +78,13 @@ def test_project_matches_the_reference_path(variant, qk_norm, b, t, hq, h, d, dt
             expected_ring[lists[bi], (starts[bi] - 1) % 4] = exp_logits[bi, :, 0] > 0
             clear[lists[bi], (starts[bi] - 1) % 4] = exp_logits[bi, :, 0].abs() > atol
     assert torch.equal(ring[clear], expected_ring[clear])
+
+
+@pytest.mark.parametrize("bad", [-1, 2**31, 1.5, True])
+def test_project_rejects_a_bad_sink_count(bad):
+    from dms_kernels.triton.project_op import fused_project
+
+    q_raw, k_raw = torch.randn(1, 2, 4 * 16), torch.randn(1, 2, 2 * 16)
+    cos, sin = torch.ones(1, 2, 16), torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="sink_tokens: expected an int"):
+        fused_project(q_raw, k_raw, cos, sin, num_kv_heads=2, sink_tokens=bad)

@@ -110,7 +110,7 @@ class OpKernels:
             q_lin, k_lin, cos, sin, attn.q_norm.weight if cfg.qk_norm else None,
             attn.k_norm.weight if cfg.qk_norm else None, adapter, cache.ring_evict, lists, plan.starts, plan.n_new,
             cfg.num_kv_heads, variant, cfg.rms_norm_eps, dms.alpha_scale if dms else 1.0,
-            dms.initial_alpha_offset if dms else 0.0)
+            dms.initial_alpha_offset if dms else 0.0, dms.sink_tokens if cfg.dms_active else 0)
         return q, k, (logits if cfg.dms_active else None)
 
     def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict):

@@ -21,13 +21,8 @@ class PagedStep:
 
     def __init__(self, cache: PagedKVCache, plan: StepPlan, kernels: PagedKernels):
         self.cache, self.plan, self.kernels = cache, plan, kernels
-        # whether the projection op records the previous key's decision (the same for every layer)
-        self._projection_records = kernels.projection(cache.cfg) != "torch"
-        # That op records it from the raw logit; a step whose first logit decides a sink (a start in
-        # 1..dms_sink_tokens, known on the host from the plan) records it again from the kept logit.
-        cfg = cache.cfg
-        sinks = cfg.dms.sink_tokens if cfg.dms_active else 0
-        self._record = not self._projection_records or any(1 <= s <= sinks for s in plan.starts_host)
+        # the torch projection records no decision (the kernels' projection records it, sinks kept)
+        self._record = kernels.projection(cache.cfg) == "torch"
 
     @property
     def slots(self) -> torch.Tensor:
