@@ -88,3 +88,27 @@ def test_project_rejects_a_bad_sink_count(bad):
     cos, sin = torch.ones(1, 2, 16), torch.zeros(1, 2, 16)
     with pytest.raises(ValueError, match="sink_tokens: expected an int"):
         fused_project(q_raw, k_raw, cos, sin, num_kv_heads=2, sink_tokens=bad)
+
+
+def test_project_op_schema_and_fake_with_sinks():
+    """``torch.ops.dms.fused_project`` (the op the paged runtime calls) takes ``sink_tokens`` and
+    records the kept decision in the ring it mutates."""
+    import dms_kernels.ops  # noqa: F401  (registers torch.ops.dms.*)
+
+    b, t, hq, h, d = 2, 3, 4, 2, 16
+    # borrowed logit = 100 * q[..., D-1] - 5: channel D-1 of every first head of a group set high (evict)
+    q_raw = torch.zeros(b, t, hq, d)
+    q_raw[..., ::2, d - 1] = 1.0
+    q_raw = q_raw.view(b, t, hq * d)
+    k_raw, cos, sin = torch.randn(b, t, h * d), torch.ones(b, t, d), torch.zeros(b, t, d)
+    starts, lists = torch.tensor([2, 9]), torch.tensor([[0, 1], [2, 3]])
+    args = (q_raw, k_raw, cos, sin, None, None, None, torch.zeros(4, 8, dtype=torch.bool), lists, starts,
+            torch.full((b,), t), h, "borrowed", 1e-6, 100.0, 5.0, 2)
+    torch.library.opcheck(torch.ops.dms.fused_project.default, args, test_utils=("test_schema", "test_faketensor"))
+    ring = torch.zeros(4, 8, dtype=torch.bool)
+    _, _, logits = torch.ops.dms.fused_project(*args[:7], ring, *args[8:])
+    # sequence 0 starts at 2: position 2 decides key 1, a sink (kept); 3 and 4 evict as the logit says
+    assert torch.equal(logits[0] == ref.SINK_LOGIT, torch.tensor([[True, False, False]] * h))
+    assert not ring[:2].any()  # key 1's recorded decision: kept
+    assert ring[2:, 8 % 8].all()  # sequence 1 starts at 9, no sink: key 8 recorded as evicted
+    assert (logits[1] > 0).all()
