@@ -116,3 +116,14 @@ def test_evicting_policies_across_row_chunks(policy):
     want = naive_evicting(policy, q, k, 5)
     for rows in (1, 4, 7):
         assert torch.equal(evicting_mask(policy, q, k, 5, rows=rows), want)
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_ties_evict_the_oldest_key(policy):
+    """Zero queries attend uniformly: every score ties, and the oldest evictable key goes (TOVA
+    becomes a sliding window)."""
+    q, k = torch.zeros(2, 2, 21, 8), torch.randn(2, 21, 8, generator=torch.Generator().manual_seed(5))
+    got = policy_mask(policy, q, k, 6)
+    assert torch.equal(got, naive_evicting(policy, q, k, 6))
+    if policy == "tova":
+        assert got[0, 20].nonzero().flatten().tolist() == list(range(14, 21))

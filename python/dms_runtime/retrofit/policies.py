@@ -51,48 +51,71 @@ def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, ro
                   state: bool = False):
     """TOVA or H2O, simulated token by token. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``.
 
-    The scores of ``rows`` queries at a time are exponentiated once (shifted by their row maximum);
-    each step then renormalises one row over the keys still alive. ``state``: also return the cache
-    after the last query, ``(alive [Hkv, T], acc [Hkv, T] or None)``, for :func:`evicting_step`.
+    The scores of ``rows`` queries at a time are exponentiated once (shifted by their row maximum),
+    over the only keys they can read (the cache at the chunk's start and the chunk's own keys);
+    each step then renormalises one row over the keys still alive. The cache is held compactly:
+    ``slots`` ``[Hkv, budget + 1]`` lists the key each slot holds, the new key takes the slot its
+    predecessor's victim left, so a step costs O(budget), not O(T). Ties go to the oldest key.
+    ``state``: also return the cache after the last query, ``(alive [Hkv, T], acc [Hkv, T] or None)``,
+    for :func:`evicting_step`.
     """
-    hkv, _, t, d = q.shape
+    hkv, g, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     q, k = q.float(), k.float()
-    mask = torch.ones((t, t), dtype=torch.bool, device=q.device).tril().expand(hkv, t, t).clone()
+    dev = q.device
+    mask = torch.ones((t, t), dtype=torch.bool, device=dev).tril().expand(hkv, t, t).clone()
     n0 = min(t, budget)
-    alive = torch.zeros((hkv, t), dtype=torch.bool, device=q.device)
-    alive[:, :n0] = True
     acc = None
     if policy == "h2o":
         # attention accumulated by the queries before the first eviction: plain causal softmax
         s = torch.einsum("hgid,hjd->hgij", q[:, :, :n0], k[:, :n0]) * scale
         s = s.masked_fill(~mask[:, None, :n0, :n0], float("-inf"))
-        acc = torch.zeros((hkv, t), dtype=torch.float32, device=q.device)
+        acc = torch.zeros((hkv, t), dtype=torch.float32, device=dev)
         acc[:, :n0] = torch.softmax(s, -1).mean(1).sum(1)
         recent = budget // 2
     if t <= budget:
+        alive = torch.ones((hkv, t), dtype=torch.bool, device=dev)
         return (mask, alive, acc) if state else mask
-    cols = torch.arange(t, device=q.device)
-    heads = torch.arange(hkv, device=q.device)
+    heads = torch.arange(hkv, device=dev)
+    slots = torch.arange(budget + 1, device=dev).repeat(hkv, 1)  # slot ``budget``: free, for key ``budget``
+    free = torch.full((hkv,), budget, dtype=torch.long, device=dev)
+    held = acc[:, : budget + 1].clone() if acc is not None else None  # acc of the key in each slot
+    oldest = torch.full_like(slots, t)  # the tie-break's filler: later than any key
+    lut = torch.zeros((hkv, t), dtype=torch.long, device=dev)  # key -> its column in the chunk's scores
     for c in range(budget, t, rows):
-        e = torch.einsum("hgid,hjd->hgij", q[:, :, c: c + rows], k) * scale  # [Hkv, G, rows, T]
-        e = e.masked_fill(cols[None, None, None, :] > torch.arange(c, c + e.shape[2], device=q.device)[None, None, :, None],
+        n = min(rows, t - c)
+        # the only keys these queries can read: the cache at the chunk's start and the chunk's own keys
+        cand = torch.cat([slots, torch.arange(c, c + n, device=dev).expand(hkv, n)], 1)  # [Hkv, C]
+        lut.scatter_(1, cand, torch.arange(cand.shape[1], device=dev).expand(hkv, -1))
+        kc = k.gather(1, cand[..., None].expand(-1, -1, d))
+        e = torch.einsum("hgid,hjd->hgij", q[:, :, c: c + n], kc) * scale  # [Hkv, G, n, C]
+        e = e.masked_fill(cand[:, None, None, :] > torch.arange(c, c + n, device=dev)[None, None, :, None],
                           float("-inf"))
         e = torch.exp(e - e.amax(-1, keepdim=True))
-        for r in range(e.shape[2]):
+        for r in range(n):
             i = c + r
-            alive[:, i] = True
-            mask[:, i] = alive  # the query reads the cache with itself appended, before the eviction
-            w = e[:, :, r, : i + 1] * alive[:, None, : i + 1]
-            p = (w / w.sum(-1, keepdim=True)).mean(1)  # [Hkv, i + 1], averaged over the query group
+            slots[heads, free] = i
+            row = mask[:, i]
+            row.zero_()
+            row.scatter_(1, slots, True)  # the query reads the cache with itself appended, before the eviction
+            w = e[:, :, r].gather(-1, lut.gather(1, slots)[:, None, :].expand(-1, g, -1))  # [Hkv, G, budget + 1]
+            p = (w / w.sum(-1, keepdim=True)).mean(1)  # averaged over the query group
             if policy == "tova":
-                score = p.masked_fill(~alive[:, : i + 1], float("inf"))
+                score = p
             else:
-                acc[:, : i + 1] += p
-                evictable = alive[:, : i + 1] & (cols[: i + 1] <= i - recent)
-                score = acc[:, : i + 1].masked_fill(~evictable, float("inf"))
-            alive[heads, score.argmin(-1)] = False
-    return (mask, alive, acc) if state else mask
+                held[heads, free] = 0.0
+                held += p
+                score = held.masked_fill(slots > i - recent, float("inf"))
+            low = score == score.amin(-1, keepdim=True)
+            free = torch.where(low, slots, oldest).argmin(-1)  # the victim's slot
+    if not state:
+        return mask
+    alive = torch.zeros((hkv, t), dtype=torch.bool, device=dev)
+    alive.scatter_(1, slots, True)
+    alive[heads, slots[heads, free]] = False  # the last victim
+    if acc is not None:
+        acc.scatter_(1, slots, held)
+    return mask, alive, acc
 
 
 def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, alive: torch.Tensor, acc: torch.Tensor | None,
@@ -215,24 +238,20 @@ class PolicyAttention:
         held = t if self.policy == "quest" else min(t, self.budget)
         self.held_peak += held * hkv
         self.reads += int(mask.sum())
-        out = torch.empty_like(q[0]).view(hkv, g, t, d)
-        scale = 1.0 / math.sqrt(d)
-        for h in range(hkv):  # one KV head at a time keeps the [G, T, T] scores small
-            s = torch.einsum("gid,jd->gij", qg[h].float(), k[0, h].float()) * scale
-            s = s.masked_fill(~mask[h][None], float("-inf"))
-            out[h] = (torch.softmax(s, -1) @ v[0, h].float()).to(q.dtype)
+        out = _masked_attention(qg, k[0], v[0], mask)
         return out.view(1, hq, t, d)
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q ``[Hkv, G, T, D]``, k/v ``[Hkv, S, D]``, mask ``[Hkv, T, S]`` -> ``[Hkv, G, T, D]`` (float32 math)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    out = torch.empty_like(q)
-    for h in range(q.shape[0]):
-        s = torch.einsum("gid,jd->gij", q[h].float(), k[h].float()) * scale
-        s = s.masked_fill(~mask[h][None], float("-inf"))
-        out[h] = (torch.softmax(s, -1) @ v[h].float()).to(q.dtype)
-    return out
+    """q ``[Hkv, G, T, D]``, k/v ``[Hkv, S, D]``, mask ``[Hkv, T, S]`` (every row reads a key) ->
+    ``[Hkv, G, T, D]``: SDPA in float32 with the mask shared by a KV head's query group."""
+    hkv, g, _, d = q.shape
+    s = k.shape[1]
+    # k/v expanded over the group (a view): SDPA's fused CPU kernel wants them the shape of q
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float()[:, None].expand(hkv, g, s, d), v.float()[:, None].expand(hkv, g, s, d),
+        attn_mask=mask[:, None])
+    return out.to(q.dtype)
 
 
 class PolicyCache:
