@@ -23,6 +23,11 @@ def test_kl_is_zero_when_student_equals_teacher_and_matches_the_formula():
     kl = (ps * (ps.log() - pt.log())).sum(-1)
     assert distillation_kl(s, t, mask).item() == pytest.approx((kl[mask].mean()).item(), rel=1e-5)
     assert distillation_kl(s, t, mask).item() > 0
+    from dms_runtime.retrofit.losses import token_kl
+
+    torch.testing.assert_close(token_kl(s, t), kl, rtol=1e-5, atol=1e-6)  # the per-position form
+    with pytest.raises(ValueError, match="teacher_logits: expected shape"):
+        token_kl(s, t[:, :4])
 
 
 def test_compression_target_anneals_and_the_loss_vanishes_once_met():

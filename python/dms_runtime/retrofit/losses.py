@@ -8,17 +8,22 @@ import torch
 import torch.nn.functional as F
 
 
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(student || teacher)`` over the vocabulary at each position: ``[B, T, V]`` logits -> ``[B, T]``."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    ls = F.log_softmax(student_logits.float(), -1)
+    lt = F.log_softmax(teacher_logits.float(), -1)
+    return (ls.exp() * (ls - lt)).sum(-1)
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(student || teacher)`` over the vocabulary, averaged over positions where ``mask``.
 
     student_logits/teacher_logits ``[B, T, V]``; mask bool ``[B, T]`` (None: every position).
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
-    ls = F.log_softmax(student_logits.float(), -1)
-    lt = F.log_softmax(teacher_logits.float(), -1)
-    kl = (ls.exp() * (ls - lt)).sum(-1)  # [B, T]
+    kl = token_kl(student_logits, teacher_logits)  # [B, T]
     if mask is None:
         return kl.mean()
     if mask.shape != kl.shape:
