@@ -41,9 +41,17 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     lm = load(a.model, dms=None if a.dms_sinks is None else {"dms_sink_tokens": a.dms_sinks})
     cases = make_cases(lm.tokenizer, a.task, a.length, a.cases, a.seed, context=lm.config.max_position_embeddings)
+    run = {"model": a.model, "task": a.task, "length": a.length, "method": a.method, "budget": a.budget,
+           "cases": a.cases, "seed": a.seed, "dms_sinks": a.dms_sinks}
     done = 0
     if a.out.is_file():
-        done = sum(1 for line in a.out.read_text().splitlines() if line.strip())
+        old = [json.loads(x) for x in a.out.read_text().splitlines() if x.strip()]
+        for j, r in enumerate(old):
+            theirs = {k: r.get(k) for k in run}
+            if r.get("case") != j or theirs != run:
+                p.error(f"--out: line {j + 1} of {a.out} is case {r.get('case')} of another run ({theirs}); "
+                        f"this run is {run}: give a new file")
+        done = len(old)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for i in range(done, len(cases)):
         c, t0 = cases[i], time.perf_counter()
@@ -52,7 +60,7 @@ def main(argv=None) -> None:
         else:
             texts, helds = policy_answers(lm, [c], a.method, a.budget)
             held = helds[0]
-        row = {"case": i, "depth": c.depth, "correct": score(c.task, c.answers, texts[0]), "held": held,
+        row = {**run, "case": i, "depth": c.depth, "correct": score(c.task, c.answers, texts[0]), "held": held,
                "text": texts[0], "s": time.perf_counter() - t0}
         with a.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

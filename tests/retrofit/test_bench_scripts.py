@@ -1,0 +1,66 @@
+"""bench/retrieval_cases.py (resumable case-by-case retrieval) and bench/error_profile.py (where errors fall)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_retrieval_cases_resume_after_the_last_case_written(tiny_with_tokenizer, tmp_path, capsys):
+    from dms_runtime import load
+    from dms_runtime.retrofit.retrieval import make_cases, policy_answers, score
+
+    mod = bench("retrieval_cases")
+    out = tmp_path / "r.jsonl"
+    args = ["-m", str(tiny_with_tokenizer), "--length", "200", "--method", "streaming", "--budget", "0.5",
+            "--cases", "3", "--out", str(out)]
+    mod.main(args)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["case"] for r in rows] == [0, 1, 2] and [r["depth"] for r in rows] == [0.0, 0.5, 1.0]
+    # the lines are the suite's cases under the suite's runner
+    lm = load(str(tiny_with_tokenizer))
+    cases = make_cases(lm.tokenizer, "passkey", 200, 3, 0, context=lm.config.max_position_embeddings)
+    texts, held = policy_answers(lm, cases, "streaming", 0.5)
+    assert [r["text"] for r in rows] == texts and [r["held"] for r in rows] == held
+    assert [r["correct"] for r in rows] == [score("passkey", c.answers, t) for c, t in zip(cases, texts)]
+    # cut after the first case: the rerun writes cases 1 and 2 again, the same
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    mod.main(args)
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "s"} for r in rs]  # noqa: E731
+    assert strip(again) == strip(rows)
+    # another run's file is refused, not appended to
+    with pytest.raises(SystemExit):
+        mod.main(args[:-4] + ["--cases", "4", "--out", str(out)])
+    assert "of another run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(args[:6] + ["--cases", "3", "--out", str(tmp_path / "x.jsonl")])  # a policy without --budget
+    assert "--budget: a policy needs" in capsys.readouterr().err
+
+
+def test_error_profile_on_hand_made_tokens():
+    prof = bench("error_profile").profile
+    kl = torch.tensor([0.0, 0.0, 1.0, 3.0] + [0.0] * 96)
+    wrong = torch.zeros(100, dtype=torch.bool)
+    wrong[[2, 3]] = True
+    top1 = torch.full((100,), 0.5)
+    top1[[0, 3]] = 0.95
+    r = prof(kl, wrong, top1)
+    assert r["kl_mean"] == pytest.approx(0.04)
+    assert r["kl_share_worst_1pct"] == pytest.approx(0.75) and r["kl_share_worst_5pct"] == pytest.approx(1.0)
+    assert r["agreement"] == pytest.approx(0.98)
+    assert r["agreement_vanilla_confident"] == pytest.approx(0.5)  # tokens 0 (right) and 3 (wrong)
+    assert r["agreement_vanilla_unsure"] == pytest.approx(97 / 98)
+    assert r["wrong_where_vanilla_confident"] == pytest.approx(0.5)
+    assert r["vanilla_top1_at_wrong_p50"] == pytest.approx(0.5)  # median of (0.5, 0.95): the lower
