@@ -65,7 +65,7 @@ class DMSAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         backend: AttentionBackend,
-        sinks: torch.Tensor | None = None,  # [B, T] bool: logits that decide a sink (DMSConfig.sink_tokens)
+        sinks: torch.Tensor | None = None,  # [B, 1, T] bool: logits that decide a sink (DMSConfig.sink_tokens)
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
@@ -76,8 +76,8 @@ class DMSAttention(nn.Module):
             q, k, logits = project(self, q_lin, k_lin, h_pre, cos, sin)
         else:
             q, k, logits = self._project(q_lin, k_lin, h_pre, cos, sin)
-        if sinks is not None and logits is not None:
-            logits = ref.keep_sinks(logits, sinks)
+        if sinks is not None and logits is not None:  # reference.keep_sinks, its mask checked once per step
+            logits = logits.masked_fill(sinks, ref.SINK_LOGIT)
         out = backend.attend(self.layer, q, k, v, logits)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
 

@@ -64,8 +64,11 @@ class DecoderLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)
         dms = self.config.dms
-        # Planned once per step: the positions whose logit decides a sink (dms_sink_tokens), or None.
-        sinks = ref.sink_mask(positions, dms.sink_tokens) if self.config.dms_active and dms.sink_tokens else None
+        # Planned once per step (checked here, not per layer): the positions whose logit decides a sink
+        # (dms_sink_tokens), [B, 1, T] to broadcast over the KV heads, or None.
+        sinks = None
+        if self.config.dms_active and dms.sink_tokens:
+            sinks = ref.sink_mask(positions, dms.sink_tokens)[:, None, :]
         for layer in self.model.layers:
             h = layer(h, cos, sin, backend, sinks)
         if logits_index is not None:
