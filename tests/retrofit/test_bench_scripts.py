@@ -64,3 +64,17 @@ def test_error_profile_on_hand_made_tokens():
     assert r["agreement_vanilla_unsure"] == pytest.approx(97 / 98)
     assert r["wrong_where_vanilla_confident"] == pytest.approx(0.5)
     assert r["vanilla_top1_at_wrong_p50"] == pytest.approx(0.5)  # median of (0.5, 0.95): the lower
+
+
+def test_layer_shift_probe_moves_memory_both_ways(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "p.jsonl"
+    bench("layer_shift_probe").main(["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--length", "64",
+                                     "--uniform", "-1000", "1000", "--split", "-1000", "1000", "--json", str(out)])
+    none, keep, evict, split = [json.loads(x) for x in out.read_text().splitlines()]
+    assert keep["live"] == pytest.approx(1.0) and keep["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert keep["agreement"] == 1.0
+    # everything evicted: each head holds the window (3 of the 64 keys, the window plus the query: 4)
+    assert evict["live"] <= 4 / 64 + 1e-6 and evict["live"] < none["live"] <= keep["live"]
+    local = set(none["local_layers"])
+    for layer, frac in enumerate(split["live_per_layer"]):
+        assert frac == pytest.approx(1.0) if layer in local else frac <= 4 / 64 + 1e-6
