@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dms_runtime import load
+from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.models.full_sequence import FullSequenceAttention
 from dms_runtime.retrofit.evaluate import _forward, fidelity, heldout_sequences, vanilla_logits
 from dms_runtime.retrofit.losses import token_kl
@@ -58,11 +59,10 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--sequences", type=int, default=4)
     p.add_argument("--policy", nargs="*", choices=POLICIES, default=["h2o"])
-    p.add_argument("--dms-window", type=int)
+    add_dms_overrides(p)
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
-    over = {"dms_window_size": a.dms_window} if a.dms_window else None
-    lm = load(a.model, dms=over)
+    lm = load(a.model, dms=dms_overrides(a) or None)
     seqs = heldout_sequences(lm, a.length, a.sequences)
     vanilla = vanilla_logits(lm, seqs)
     row = fidelity(lm, a.length, a.sequences, vanilla=vanilla)

@@ -21,6 +21,7 @@ import torch
 
 from dms_kernels import reference as ref
 from dms_runtime import load
+from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.models.full_sequence import FullSequenceAttention
 from dms_runtime.retrofit.evaluate import _forward, heldout_sequences, vanilla_logits
 from dms_runtime.retrofit.losses import distillation_kl
@@ -61,11 +62,11 @@ def main(argv=None) -> None:
     p.add_argument("--uniform", type=float, nargs="*", default=[-2.0, 2.0], help="shifts for every layer")
     p.add_argument("--split", type=float, nargs=2, action="append", default=[], metavar=("LOCAL", "OTHER"),
                    help="a shift for the local layers and one for the others (repeat for more points)")
-    p.add_argument("--dms-window", type=int, help="give or override the DMS delay window")
+    add_dms_overrides(p)
     p.add_argument("--local-below", type=float, default=0.08, help="live fraction under which a layer is local")
     p.add_argument("--json", type=Path, help="also write one JSON line per point here")
     a = p.parse_args(argv)
-    lm = load(a.model, dms={"dms_window_size": a.dms_window} if a.dms_window else None)
+    lm = load(a.model, dms=dms_overrides(a) or None)
     nl = lm.config.num_layers
     seqs = heldout_sequences(lm, a.length, a.sequences)
     vanilla = vanilla_logits(lm, seqs)

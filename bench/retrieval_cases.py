@@ -21,6 +21,7 @@ import torch
 
 from dms_runtime import load
 from dms_runtime.retrofit.policies import POLICIES
+from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.retrofit.retrieval import TASKS, generate_answers, make_cases, policy_answers, score
 
 
@@ -33,16 +34,16 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, help="a policy's KV budget: the fraction of the prompt held")
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dms-sinks", type=int, help="give or override dms_sink_tokens")
+    add_dms_overrides(p)
     p.add_argument("--out", type=Path, required=True, help="JSON lines, one per case (appended)")
     a = p.parse_args(argv)
     if a.method in POLICIES and not (a.budget and 0.0 < a.budget <= 1.0):
         p.error(f"--budget: a policy needs a fraction in (0, 1], got {a.budget!r}")
     torch.set_grad_enabled(False)
-    lm = load(a.model, dms=None if a.dms_sinks is None else {"dms_sink_tokens": a.dms_sinks})
+    lm = load(a.model, dms=dms_overrides(a) or None)
     cases = make_cases(lm.tokenizer, a.task, a.length, a.cases, a.seed, context=lm.config.max_position_embeddings)
     run = {"model": a.model, "task": a.task, "length": a.length, "method": a.method, "budget": a.budget,
-           "cases": a.cases, "seed": a.seed, "dms_sinks": a.dms_sinks}
+           "cases": a.cases, "seed": a.seed, "dms_window": a.dms_window, "dms_sinks": a.dms_sinks}
     done = 0
     if a.out.is_file():
         old = [json.loads(x) for x in a.out.read_text().splitlines() if x.strip()]
