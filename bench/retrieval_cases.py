@@ -25,6 +25,7 @@ from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.retrofit.retrieval import TASKS, generate_answers, make_cases, policy_answers, score
 
 
+@torch.inference_mode()
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", required=True, help="DMS model: embedded name, folder or retrofit folder")
@@ -39,7 +40,6 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.method in POLICIES and not (a.budget and 0.0 < a.budget <= 1.0):
         p.error(f"--budget: a policy needs a fraction in (0, 1], got {a.budget!r}")
-    torch.set_grad_enabled(False)
     lm = load(a.model, dms=dms_overrides(a) or None)
     cases = make_cases(lm.tokenizer, a.task, a.length, a.cases, a.seed, context=lm.config.max_position_embeddings)
     run = {"model": a.model, "task": a.task, "length": a.length, "method": a.method, "budget": a.budget,
