@@ -27,7 +27,7 @@ from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.models.full_sequence import FullSequenceAttention
 from dms_runtime.retrofit.evaluate import _forward, fidelity, heldout_sequences, vanilla_logits
 from dms_runtime.retrofit.losses import token_kl
-from dms_runtime.retrofit.policies import POLICIES, PolicyAttention
+from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budget
 from dms_runtime.retrofit.training_backend import eviction_off
 
 
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     seqs = heldout_sequences(lm, a.length, a.sequences)
     vanilla = vanilla_logits(lm, seqs)
     row = fidelity(lm, a.length, a.sequences, vanilla=vanilla)
-    budget = max(2, math.ceil(row.peak_live_fraction * a.length))
+    budget = policy_budget(row.peak_live_fraction, a.length)
     per: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"dms": [], **{x: [] for x in a.policy}}
     top1 = []
     for s, van in zip(seqs, vanilla):

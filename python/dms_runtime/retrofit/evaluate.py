@@ -16,7 +16,6 @@ where vanilla is informative are run for the others.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -192,13 +191,13 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
                     ) -> tuple[FidelityRow, list[MethodRow]]:
     """Vanilla, DMS, and each policy at DMS's budget (its peak KV tokens held per layer and head);
     also DMS's :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known)."""
-    from .policies import PolicyAttention
+    from .policies import PolicyAttention, policy_budget
 
     model, cfg = lm.model, lm.config
     seqs = heldout_sequences(lm, length, sequences, seed)
     vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
     dms_row = fidelity(lm, length, sequences, seed, vanilla=vanilla)
-    budget = max(2, math.ceil(dms_row.peak_live_fraction * length))
+    budget = policy_budget(dms_row.peak_live_fraction, length)
     tasks = []
     if passkey_trials:
         prompts, answers = task_prompts(lm, length, lambda n, rng: passkey_task(n, rng), passkey_trials, 99)

@@ -39,6 +39,11 @@ def _check(policy: str, budget: int) -> None:
         raise ValueError(f"budget: expected an int >= 2 (KV tokens per layer and KV head), got {budget!r}")
 
 
+def policy_budget(fraction: float, length: int) -> int:
+    """The KV tokens per layer and KV head a policy gets for ``fraction`` of ``length`` (at least 2)."""
+    return max(2, math.ceil(fraction * length))
+
+
 def streaming_mask(t: int, budget: int, sinks: int = 4, device=None) -> torch.Tensor:
     """``[T, T]``: the first ``sinks`` keys and the last ``budget - sinks`` before each query (itself included)."""
     sinks = min(sinks, budget - 1)

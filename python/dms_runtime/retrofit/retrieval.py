@@ -244,15 +244,13 @@ def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> tupl
 def policy_answers(lm, cases: list[RetrievalCase], policy: str, budget_fraction: float) -> tuple[list[str], list[float]]:
     """Greedy answers under a heuristic policy holding ``ceil(budget_fraction * prompt length)`` KV
     tokens per layer and KV head; also the peak held fraction of each case."""
-    import math
-
-    from .policies import policy_generate
+    from .policies import policy_budget, policy_generate
 
     texts, held = [], []
     cfg = lm.config
     for c in cases:
         n = len(c.prompt_ids)
-        budget = max(2, math.ceil(budget_fraction * n))
+        budget = policy_budget(budget_fraction, n)
         ids, backend = policy_generate(lm.model, c.prompt_ids, policy, budget, c.max_new_tokens, eos_ids=lm.eos_ids)
         texts.append(lm.tokenizer.decode(ids, skip_special_tokens=True))
         held.append(backend.held_peak / ((n + len(ids)) * cfg.num_kv_heads * cfg.num_layers))
