@@ -5,7 +5,10 @@ turns) into one set of rows: the Markdown tables of bench/RESULTS.md and the qua
         --plot bench/results/2026-12-02-eval-curves.png
 
 A file given as ``FILE=NAME`` has its model renamed NAME in every row (a run of one model with another
-setting, e.g. `--dms-window 256`, made before `dms eval` put the window in the name).
+setting, e.g. `--dms-window 256`, made before `dms eval` put the window in the name). A ``.jsonl`` file
+is one completed run of bench/retrieval_cases.py (one method, case by case, at 4K-8K where `dms eval`
+takes too long): it becomes that method's retrieval row, informative where vanilla's cases (its own
+file, or a `dms eval` output) reach the calibration threshold.
 Fidelity rows (KL, greedy agreement, KV held and read) are taken from the first file that has them
 for a (method, model, length); each method's retrieval accuracy is recomputed over every file's
 retrieval rows: the mean over the tasks where vanilla is informative at that length.
@@ -18,18 +21,49 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from dms_runtime.retrofit.cli import plot_pareto
-from dms_runtime.retrofit.evaluate import MethodRow, RetrievalRow, mean_informative
+from dms_runtime.retrofit.cli import model_label, plot_pareto
+from dms_runtime.retrofit.evaluate import CALIBRATION, MethodRow, RetrievalRow, mean_informative
 
 NAMES = {"vanilla": "vanilla", "dms": "DMS", "streaming": "StreamingLLM", "tova": "TOVA", "h2o": "H2O", "quest": "Quest"}
+
+
+# what names one run of bench/retrieval_cases.py: every line of its file carries these
+RUN_KEYS = ("model", "task", "length", "method", "budget", "cases", "seed", "dms_window", "dms_sinks")
+
+
+def cases_row(path: Path, rename: str = "") -> RetrievalRow:
+    """One completed run of bench/retrieval_cases.py as a retrieval row; vanilla's accuracy and
+    whether the task is informative are filled in by ``merge`` from vanilla's row at that length."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not lines or not all(isinstance(r, dict) and "correct" in r for r in lines):
+        raise SystemExit(f"{path}: expected the JSON lines of bench/retrieval_cases.py (one case per line)")
+    run = {k: lines[0].get(k) for k in RUN_KEYS}
+    for j, r in enumerate(lines):
+        if {k: r.get(k) for k in RUN_KEYS} != run or r.get("case") != j:
+            raise SystemExit(f"{path}: line {j + 1} is case {r.get('case')} of another run; expected case {j} of {run}")
+    if len(lines) != run["cases"]:
+        raise SystemExit(f"{path}: {len(lines)} of {run['cases']} cases written; finish the run "
+                         f"(bench/retrieval_cases.py resumes it) or leave the file out")
+    acc = sum(r["correct"] for r in lines) / len(lines)
+    return RetrievalRow(method=run["method"], model=rename or model_label(run["model"], run["dms_window"], run["dms_sinks"]),
+                        task=run["task"], length=run["length"], cases=len(lines), accuracy=acc,
+                        vanilla_accuracy=acc if run["method"] == "vanilla" else float("nan"), informative=False,
+                        budget_fraction=run["budget"], held_fraction=sum(r["held"] for r in lines) / len(lines))
 
 
 def merge(paths: list[Path | str]) -> tuple[list[MethodRow], list[RetrievalRow]]:
     methods: dict[tuple, MethodRow] = {}
     retrieval: dict[tuple, RetrievalRow] = {}
+    case_rows: list[tuple[Path, RetrievalRow]] = []
     for arg in paths:
         path, _, rename = str(arg).partition("=")
         path = Path(path)
+        if path.suffix == ".jsonl":
+            row = cases_row(path, rename)
+            case_rows.append((path, row))
+            if row.method == "vanilla":
+                retrieval.setdefault(("vanilla", "", row.task, row.length), replace(row, informative=row.accuracy >= CALIBRATION))
+            continue
         out = json.loads(path.read_text())
         if not isinstance(out, dict) or "methods" not in out:
             raise SystemExit(f"{path}: expected the output of `dms eval --json` with methods rows")
@@ -42,6 +76,15 @@ def merge(paths: list[Path | str]) -> tuple[list[MethodRow], list[RetrievalRow]]
         for r in out["methods"]:
             row = MethodRow(**r)
             methods.setdefault((row.method, row.model if row.method != "vanilla" else "", row.length), row)
+    for path, row in case_rows:
+        if row.method == "vanilla":
+            continue
+        van = retrieval.get(("vanilla", "", row.task, row.length))
+        if van is None:
+            raise SystemExit(f"{path}: no vanilla accuracy on {row.task} at {row.length}: give vanilla's cases "
+                             f"(bench/retrieval_cases.py --method vanilla) or a `dms eval` output that has them")
+        row = replace(row, vanilla_accuracy=van.vanilla_accuracy, informative=van.informative)
+        retrieval.setdefault((row.method, row.model, row.task, row.length), row)
     rrows = list(retrieval.values())
     mrows = [replace(m, retrieval_accuracy=mean_informative(rrows, m.method, m.model, m.length)) for m in methods.values()]
     return mrows, rrows
@@ -70,7 +113,8 @@ def markdown(mrows: list[MethodRow], rrows: list[RetrievalRow]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", nargs="+", help="outputs of `dms eval --json` (FILE=NAME: its model renamed NAME)")
+    p.add_argument("json", nargs="+", help="outputs of `dms eval --json` and runs of bench/retrieval_cases.py "
+                                            "(.jsonl); FILE=NAME: its model renamed NAME")
     p.add_argument("--plot", default=None, help="write the quality-vs-KV figure to this PNG")
     args = p.parse_args(argv)
     mrows, rrows = merge(args.json)

@@ -52,3 +52,46 @@ def test_runs_split_by_task_merge_into_one_retrieval_score(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "bad.json")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "bad.json: expected the output of `dms eval --json`" in run.stderr
+
+
+def _cases(path, method, correct, model="m", length=64, budget=None, held=0.2, **over):
+    run = {"model": model, "task": "passkey", "length": length, "method": method, "budget": budget,
+           "cases": len(correct), "seed": 0, "dms_window": None, "dms_sinks": None, **over}
+    path.write_text("".join(json.dumps({**run, "case": i, "depth": i / max(1, len(correct) - 1), "correct": c,
+                                        "held": held, "text": "x", "s": 1.0}) + "\n" for i, c in enumerate(correct)))
+
+
+def test_case_by_case_runs_become_retrieval_rows(tmp_path):
+    a = {"fidelity": [], "methods": [_method("vanilla", "m", 64, 0.0), _method("dms", "m", 64, 0.1),
+                                     _method("h2o", "m", 64, 0.2)]}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    _cases(tmp_path / "van.jsonl", "vanilla", [1, 1, 1, 1, 0], held=1.0)
+    _cases(tmp_path / "dms.jsonl", "dms", [1, 0, 1, 0, 0], held=0.15)
+    _cases(tmp_path / "h2o.jsonl", "h2o", [0, 0, 1, 0, 0], budget=0.2)
+    _cases(tmp_path / "w.jsonl", "dms", [1, 1, 1, 0, 0], dms_window=256, dms_sinks=4)
+    script = [sys.executable, str(ROOT / "bench" / "plot_eval.py")]
+    files = [str(tmp_path / n) for n in ("a.json", "van.jsonl", "dms.jsonl", "h2o.jsonl", "w.jsonl")]
+    run = subprocess.run(script + files, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 40% |" in lines
+    assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 20% |" in lines
+    assert "| passkey | 64 | 5 | DMS | m | 40% | 80% | yes | 0.150 |" in lines
+    assert "| passkey | 64 | 5 | DMS | m w256 s4 | 60% | 80% | yes | 0.200 |" in lines
+    # vanilla under the threshold: the task is uninformative and stays out of the methods' score
+    _cases(tmp_path / "van.jsonl", "vanilla", [1, 1, 1, 0, 0], held=1.0)
+    run = subprocess.run(script + files, capture_output=True, text=True, timeout=300)
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | - |" in run.stdout.splitlines()
+    assert "| passkey | 64 | 5 | DMS | m | 40% | 60% | no | 0.150 |" in run.stdout.splitlines()
+    # an unfinished run, another run's lines, no vanilla: refused by name
+    _cases(tmp_path / "part.jsonl", "dms", [1, 0])
+    (tmp_path / "part.jsonl").write_text((tmp_path / "part.jsonl").read_text().replace('"cases": 2', '"cases": 20'))
+    run = subprocess.run(script + [files[1], str(tmp_path / "part.jsonl")], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "part.jsonl: 2 of 20 cases written" in run.stderr
+    mixed = (tmp_path / "dms.jsonl").read_text().splitlines()
+    mixed[2] = mixed[2].replace('"seed": 0', '"seed": 1')
+    (tmp_path / "mixed.jsonl").write_text("\n".join(mixed) + "\n")
+    run = subprocess.run(script + [files[1], str(tmp_path / "mixed.jsonl")], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "mixed.jsonl: line 3 is case 2 of another run" in run.stderr
+    run = subprocess.run(script + [files[0], files[2]], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "dms.jsonl: no vanilla accuracy on passkey at 64" in run.stderr

@@ -168,7 +168,7 @@ def plot_pareto(rows, path) -> None:
     plt.close(fig)
 
 
-def _label(name: str, window: int | None = None, sinks: int | None = None) -> str:
+def model_label(name: str, window: int | None = None, sinks: int | None = None) -> str:
     """A model's name in the rows; a window set by --dms-window and sinks set by --dms-sinks are part
     of it (``... w256``, ``... s4``)."""
     label = Path(name).name if os.sep in name else name
@@ -196,7 +196,7 @@ def run_eval(args) -> int:
              if args.retrieval else None)
     fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
-    models = [(_label(name, args.dms_window, args.dms_sinks), dr.load(name, dms=dms_overrides(args) or None))
+    models = [(model_label(name, args.dms_window, args.dms_sinks), dr.load(name, dms=dms_overrides(args) or None))
               for name in args.model]
     for n in args.lengths:
         for index, (label, lm) in enumerate(models):

@@ -256,11 +256,14 @@ class RetrievalRow:
         return asdict(self)
 
 
+CALIBRATION = 0.8  # vanilla's accuracy at or above which a task is informative at a length
+
+
 class RetrievalSuite:
     """The seeded cases of each (task, length), and vanilla's accuracy on them, measured once per
     base model and shared by the DMS models and policies compared on it."""
 
-    def __init__(self, tasks, cases: int = 20, seed: int = 0, threshold: float = 0.8):
+    def __init__(self, tasks, cases: int = 20, seed: int = 0, threshold: float = CALIBRATION):
         from .retrieval import TASKS
 
         bad = [t for t in tasks if t not in TASKS]
