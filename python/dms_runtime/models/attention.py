@@ -21,9 +21,9 @@ from .layers import RMSNorm, apply_rotary
 class AttentionBackend(Protocol):
     """Where attention is computed. One object per forward pass (or per decode step).
 
-    A backend may also define ``project(attn, q_lin, k_lin, h_pre, cos, sin) -> (q, k, logits)``
-    to run the projection epilogue on its own kernels (the paged runtime's step does); a backend
-    without one gets :meth:`DMSAttention._project` (torch ops).
+    A backend may also define ``project(attn, q_lin, k_lin, h_pre, cos, sin, sinks) -> (q, k, logits)``
+    to run the projection epilogue on its own kernels (the paged runtime's step does), attention
+    sinks kept as in :meth:`DMSAttention._project`; a backend without one gets that method (torch ops).
     """
 
     def attend(
@@ -72,12 +72,10 @@ class DMSAttention(nn.Module):
         q_lin, k_lin = self.q_proj(x), self.k_proj(x)  # [B, T, Hq*D], [B, T, Hkv*D]
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         project = getattr(backend, "project", None)
-        if project is not None:  # the backend's kernels: norms, logits, zeroing, RoPE
-            q, k, logits = project(self, q_lin, k_lin, h_pre, cos, sin)
+        if project is not None:  # the backend's kernels: norms, logits, sinks, zeroing, RoPE
+            q, k, logits = project(self, q_lin, k_lin, h_pre, cos, sin, sinks)
         else:
-            q, k, logits = self._project(q_lin, k_lin, h_pre, cos, sin)
-        if sinks is not None and logits is not None:  # reference.keep_sinks, its mask checked once per step
-            logits = logits.masked_fill(sinks, ref.SINK_LOGIT)
+            q, k, logits = self._project(q_lin, k_lin, h_pre, cos, sin, sinks)
         out = backend.attend(self.layer, q, k, v, logits)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
 
@@ -94,8 +92,9 @@ class DMSAttention(nn.Module):
             offset=dms.initial_alpha_offset,
         )
 
-    def _project(self, q_lin, k_lin, h_pre, cos, sin):
-        """q/k norm, eviction logits, borrowed-channel zeroing and RoPE in torch ops."""
+    def _project(self, q_lin, k_lin, h_pre, cos, sin, sinks=None):
+        """q/k norm, eviction logits (``sinks``: reference.keep_sinks, its mask checked once per step),
+        borrowed-channel zeroing and RoPE in torch ops."""
         cfg = self.cfg
         b, t, _ = q_lin.shape
         q = q_lin.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -116,6 +115,8 @@ class DMSAttention(nn.Module):
                 borrowed = True
             if dms.alpha_per == "layer":
                 logits = logits[:, :1].expand_as(logits)
+            if sinks is not None:
+                logits = logits.masked_fill(sinks, ref.SINK_LOGIT)
 
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)

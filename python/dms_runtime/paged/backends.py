@@ -40,8 +40,9 @@ class PagedKernels(Protocol):
     def ran(self, cfg, plan, dtype: torch.dtype) -> dict[str, str]:
         """op -> implementation for a step of ``plan`` (ops: projection, prefill or decode, store)."""
 
-    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
-        """-> q ``[B, Hq, T, D]``, k ``[B, H, T, D]``, logits ``[B, H, T]`` float32 or None."""
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin, sinks):
+        """-> q ``[B, Hq, T, D]``, k ``[B, H, T, D]``, logits ``[B, H, T]`` float32 or None, the
+        attention sinks kept (``sinks``: the step's ``[B, 1, T]`` mask, or None)."""
 
     def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict) -> torch.Tensor:
         """-> ``[B, Hq, T, D]``."""
@@ -61,8 +62,8 @@ class TorchKernels:
     def ran(self, cfg, plan, dtype) -> dict[str, str]:
         return {"projection": "torch", "decode" if plan.decode else "prefill": "torch", "store": "torch"}
 
-    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
-        return attn._project(q_lin, k_lin, h_pre, cos, sin)
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin, sinks):
+        return attn._project(q_lin, k_lin, h_pre, cos, sin, sinks)
 
     def attend(self, cache, plan, layer, q, k, v, new_evict, ring_evict):
         return torch_paged_attention(q, k, v, new_evict, plan.n_new, plan.starts, cache.k_pool, cache.v_pool,
@@ -96,16 +97,17 @@ class OpKernels:
                 "decode" if plan.decode else "prefill": attention_kernels(self.impl, dev, plan.t, dtype, cfg.head_dim, g),
                 "store": store_kernels(self.impl, dev, dtype, dtype, cfg.head_dim)}
 
-    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin):
+    def project(self, cache, plan, lists, attn, q_lin, k_lin, h_pre, cos, sin, sinks):
         cfg = attn.cfg
         if self.projection(cfg) == "torch":
-            return attn._project(q_lin, k_lin, h_pre, cos, sin)
+            return attn._project(q_lin, k_lin, h_pre, cos, sin, sinks)
         dms = cfg.dms
         variant, adapter = "none", None
         if cfg.dms_active:
             variant = "adapter" if dms.separate_alpha else "borrowed"
             if dms.separate_alpha:
                 adapter = attn.adapter_logits(h_pre)
+        # the kernel keeps the sinks itself, from the positions (starts + t), not from the mask
         q, k, logits = torch.ops.dms.fused_project(
             q_lin, k_lin, cos, sin, attn.q_norm.weight if cfg.qk_norm else None,
             attn.k_norm.weight if cfg.qk_norm else None, adapter, cache.ring_evict, lists, plan.starts, plan.n_new,

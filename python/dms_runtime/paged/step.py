@@ -28,10 +28,11 @@ class PagedStep:
     def slots(self) -> torch.Tensor:
         return self.plan.slots
 
-    def project(self, attn, q_lin, k_lin, h_pre, cos, sin):
-        """q/k norm, eviction logits, zeroing, RoPE (and, on the kernels, the previous decision)."""
+    def project(self, attn, q_lin, k_lin, h_pre, cos, sin, sinks=None):
+        """q/k norm, eviction logits with sinks kept, zeroing, RoPE (and, on the kernels, the previous
+        decision)."""
         return self.kernels.project(self.cache, self.plan, self.plan.lists[attn.layer], attn, q_lin, k_lin, h_pre,
-                                    cos, sin)
+                                    cos, sin, sinks)
 
     def attend(self, layer, q, k, v, logits):
         c, plan = self.cache, self.plan
