@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dms_runtime import load
 from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.retrofit.evaluate import _forward, fidelity, heldout_sequences, vanilla_logits
+from dms_runtime.retrofit.evaluate import forward_ids, fidelity, heldout_sequences, vanilla_logits
 from dms_runtime.retrofit.losses import token_kl
 from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budget
 from dms_runtime.retrofit.training_backend import eviction_off
@@ -71,11 +71,11 @@ def main(argv=None) -> None:
     top1 = []
     for s, van in zip(seqs, vanilla):
         top1.append(F.softmax(van.float(), -1).amax(-1)[0])
-        out = _forward(lm.model, s, FullSequenceAttention(lm.config.dms.window_size))
+        out = forward_ids(lm.model, s, FullSequenceAttention(lm.config.dms.window_size))
         per["dms"].append((token_kl(out, van)[0], (out.argmax(-1) != van.argmax(-1))[0]))
         with eviction_off(lm.model):
             for pol in a.policy:
-                out = _forward(lm.model, s, PolicyAttention(pol, budget))
+                out = forward_ids(lm.model, s, PolicyAttention(pol, budget))
                 per[pol].append((token_kl(out, van)[0], (out.argmax(-1) != van.argmax(-1))[0]))
     top = torch.cat(top1)
     rows = []

@@ -23,7 +23,7 @@ from dms_kernels import reference as ref
 from dms_runtime import load
 from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.retrofit.evaluate import _forward, heldout_sequences, vanilla_logits
+from dms_runtime.retrofit.evaluate import forward_ids, heldout_sequences, vanilla_logits
 from dms_runtime.retrofit.losses import distillation_kl
 
 
@@ -44,7 +44,7 @@ def measure(lm, seqs, vanilla, shift: list[float]) -> dict:
     live = torch.zeros(nl, dtype=torch.float64)
     for s, van in zip(seqs, vanilla):
         backend = ShiftedAttention(w, shift)
-        out = _forward(lm.model, s, backend)
+        out = forward_ids(lm.model, s, backend)
         kl += distillation_kl(out, van).item() / len(seqs)
         agree += (out.argmax(-1) == van.argmax(-1)).float().mean().item() / len(seqs)
         for layer in range(nl):

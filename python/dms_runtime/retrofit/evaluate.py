@@ -61,7 +61,9 @@ def heldout_sequences(lm, length: int, sequences: int, seed: int = 1234) -> list
     raise ValueError(f"length: the held-out text holds fewer than {sequences} sequences of {length} tokens")
 
 
-def _forward(model, ids: list[int], backend) -> torch.Tensor:
+def forward_ids(model, ids: list[int], backend) -> torch.Tensor:
+    """One teacher-forced pass of token ids ``ids`` (positions from 0) through ``model`` with the
+    attention ``backend``: the logits ``[1, T, V]``."""
     t = torch.tensor([ids], device=model.device)
     return model(t, torch.arange(len(ids), device=model.device)[None], backend)
 
@@ -69,7 +71,7 @@ def _forward(model, ids: list[int], backend) -> torch.Tensor:
 @torch.inference_mode()
 def vanilla_logits(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
     with eviction_off(lm.model):
-        return [_forward(lm.model, s, FullSequenceAttention()) for s in seqs]
+        return [forward_ids(lm.model, s, FullSequenceAttention()) for s in seqs]
 
 
 @torch.inference_mode()
@@ -87,7 +89,7 @@ def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234, vanilla: lis
     w = cfg.dms.window_size
     for s, van in zip(seqs, vanilla):
         backend = FullSequenceAttention(cfg.dms.window_size, record=True)
-        dms = _forward(model, s, backend)
+        dms = forward_ids(model, s, backend)
         kls.append(distillation_kl(dms, van).item())
         agree.append((dms.argmax(-1) == van.argmax(-1)).float().mean().item())
         held_over_time = 0
@@ -180,7 +182,7 @@ def forced_accuracy(model, tasks: list[tuple[list[int], list[int]]], make_backen
     """Fraction of tasks whose every answer token is the greedy prediction, teacher-forced."""
     right = 0
     for prompt, answer in tasks:
-        logits = _forward(model, prompt + answer, make_backend())
+        logits = forward_ids(model, prompt + answer, make_backend())
         pred = logits[0, len(prompt) - 1: len(prompt) + len(answer) - 1].argmax(-1).tolist()
         right += pred == answer
     return right / max(len(tasks), 1)
@@ -223,7 +225,7 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
         with torch.inference_mode(), eviction_off(model):
             for s, van in zip(seqs, vanilla):
                 backend = PolicyAttention(policy, budget)
-                out = _forward(model, s, backend)
+                out = forward_ids(model, s, backend)
                 kls.append(distillation_kl(out, van).item())
                 agree.append((out.argmax(-1) == van.argmax(-1)).float().mean().item())
                 held = max(held, backend.held_peak / dense_held)
