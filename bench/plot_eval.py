@@ -28,7 +28,7 @@ NAMES = {"vanilla": "vanilla", "dms": "DMS", "streaming": "StreamingLLM", "tova"
 
 
 # what names one run of bench/retrieval_cases.py: every line of its file carries these
-RUN_KEYS = ("model", "task", "length", "method", "budget", "cases", "seed", "dms_window", "dms_sinks")
+RUN_KEYS = ("model", "task", "length", "method", "budget", "cases", "seed", "dms_window", "dms_sinks", "dms_offset")
 
 
 def cases_row(path: Path, rename: str = "") -> RetrievalRow:
@@ -45,7 +45,8 @@ def cases_row(path: Path, rename: str = "") -> RetrievalRow:
         raise SystemExit(f"{path}: {len(lines)} of {run['cases']} cases written; finish the run "
                          f"(bench/retrieval_cases.py resumes it) or leave the file out")
     acc = sum(r["correct"] for r in lines) / len(lines)
-    return RetrievalRow(method=run["method"], model=rename or model_label(run["model"], run["dms_window"], run["dms_sinks"]),
+    return RetrievalRow(method=run["method"], model=rename or model_label(run["model"], run["dms_window"], run["dms_sinks"],
+                                                                  run["dms_offset"]),
                         task=run["task"], length=run["length"], cases=len(lines), accuracy=acc,
                         vanilla_accuracy=acc if run["method"] == "vanilla" else float("nan"), informative=False,
                         budget_fraction=run["budget"], held_fraction=sum(r["held"] for r in lines) / len(lines))

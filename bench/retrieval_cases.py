@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     lm = load(a.model, dms=dms_overrides(a) or None)
     cases = make_cases(lm.tokenizer, a.task, a.length, a.cases, a.seed, context=lm.config.max_position_embeddings)
     run = {"model": a.model, "task": a.task, "length": a.length, "method": a.method, "budget": a.budget,
-           "cases": a.cases, "seed": a.seed, "dms_window": a.dms_window, "dms_sinks": a.dms_sinks}
+           "cases": a.cases, "seed": a.seed, "dms_window": a.dms_window, "dms_sinks": a.dms_sinks, "dms_offset": a.dms_offset}
     done = 0
     if a.out.is_file():
         old = [json.loads(x) for x in a.out.read_text().splitlines() if x.strip()]

@@ -182,16 +182,21 @@ def cli_int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int
 
 
 def add_dms_overrides(p: argparse.ArgumentParser) -> None:
-    """``--dms-window`` / ``--dms-sinks``: DMS settings given or overridden at load (``dms_overrides``)."""
+    """``--dms-window`` / ``--dms-sinks`` / ``--dms-offset``: DMS settings given or overridden at load
+    (``dms_overrides``)."""
     p.add_argument("--dms-window", type=cli_int(1, MAX_WINDOW), default=None,
                    help="give or override the DMS delay window")
     p.add_argument("--dms-sinks", type=cli_int(0, MAX_WINDOW), default=None, metavar="N",
                    help="give or override dms_sink_tokens: the first N keys are never evicted (0: plain DMS)")
+    p.add_argument("--dms-offset", type=cli_float(-1000.0, 1000.0), default=None, metavar="X",
+                   help="give or override dms_initial_alpha_offset (logit = scale * raw - X): every eviction "
+                        "logit moves by the change, so a larger X keeps more tokens, a smaller one evicts more")
 
 
-def dms_overrides(args: argparse.Namespace) -> dict[str, int]:
-    """The config.json keys ``--dms-window`` / ``--dms-sinks`` give (empty when neither is)."""
-    given = {"dms_window_size": args.dms_window, "dms_sink_tokens": args.dms_sinks}
+def dms_overrides(args: argparse.Namespace) -> dict[str, int | float]:
+    """The config.json keys ``--dms-window`` / ``--dms-sinks`` / ``--dms-offset`` give (empty when none is)."""
+    given = {"dms_window_size": args.dms_window, "dms_sink_tokens": args.dms_sinks,
+             "dms_initial_alpha_offset": args.dms_offset}
     return {key: value for key, value in given.items() if value is not None}
 
 

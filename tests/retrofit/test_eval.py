@@ -44,6 +44,19 @@ def test_eval_cli_json(tiny_with_tokenizer, capsys, tmp_path):
     assert all(0 <= r["vartrack_accuracy_dms"] <= 1 and 0 <= r["vartrack_accuracy_vanilla"] <= 1 for r in rows)
 
 
+def test_eval_cli_dms_offset_moves_every_logit(tiny_with_tokenizer, capsys):
+    """--dms-offset X: logit = scale * raw - X, so a larger X holds more tokens; the offset is part of
+    the model's name in the rows."""
+    held = {}
+    for x in ("-20", "0", "20"):
+        rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", x, "--lengths", "40",
+                   "--sequences", "1", "--passkey-trials", "0", "--vartrack-trials", "0", "--json"])
+        rows = json.loads(capsys.readouterr().out)["fidelity"]
+        assert rc == 0 and rows[0]["model"] == f"{tiny_with_tokenizer.name} w3 o{x}"
+        held[x] = rows[0]["live_fraction"]
+    assert held["-20"] < held["0"] < held["20"], held
+
+
 def test_task_accuracy_scores_exact_answers(tiny_with_tokenizer, monkeypatch):
     """A model that answers every task right scores 1, one that never does scores 0."""
     import dms_runtime.api as api

@@ -350,6 +350,8 @@ CLI = [
     (["eval", "-m", "x", "--dms-window", "0"], "argument --dms-window"),
     (["eval", "-m", "x", "--dms-sinks", "-1"], "argument --dms-sinks: expected an int >= 0"),
     (["generate", "--dms-sinks", "x", "x"], "argument --dms-sinks"),
+    (["generate", "--dms-offset", "nan", "x"], "argument --dms-offset: expected a finite number >= -1000"),
+    (["eval", "-m", "x", "--dms-offset", "1e9"], "argument --dms-offset"),
     (["retrofit", "--out", "{tmp}/o", "--sinks", "-2"], "argument --sinks"),
 ]
 

@@ -168,12 +168,13 @@ def plot_pareto(rows, path) -> None:
     plt.close(fig)
 
 
-def model_label(name: str, window: int | None = None, sinks: int | None = None) -> str:
-    """A model's name in the rows; a window set by --dms-window and sinks set by --dms-sinks are part
-    of it (``... w256``, ``... s4``)."""
+def model_label(name: str, window: int | None = None, sinks: int | None = None, offset: float | None = None) -> str:
+    """A model's name in the rows; a window set by --dms-window, sinks set by --dms-sinks and an
+    offset set by --dms-offset are part of it (``... w256``, ``... s4``, ``... o7``)."""
     label = Path(name).name if os.sep in name else name
     label = label if window is None else f"{label} w{window}"
-    return label if sinks is None else f"{label} s{sinks}"
+    label = label if sinks is None else f"{label} s{sinks}"
+    return label if offset is None else f"{label} o{offset:g}"
 
 
 
@@ -196,7 +197,7 @@ def run_eval(args) -> int:
              if args.retrieval else None)
     fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
-    models = [(model_label(name, args.dms_window, args.dms_sinks), dr.load(name, dms=dms_overrides(args) or None))
+    models = [(model_label(name, args.dms_window, args.dms_sinks, args.dms_offset), dr.load(name, dms=dms_overrides(args) or None))
               for name in args.model]
     for n in args.lengths:
         for index, (label, lm) in enumerate(models):
