@@ -9,7 +9,7 @@ import torch
 import dms_runtime as dr
 from dms_runtime.cli import main
 from dms_runtime.retrofit import retrieval as R
-from dms_runtime.retrofit.policies import PolicyCache, policy_generate, streaming_mask
+from dms_runtime.retrofit.policies import PolicyCache, evicting_step, policy_generate, streaming_mask
 from test_policies import naive_evicting, naive_quest
 
 
@@ -214,6 +214,21 @@ def test_generation_masks_match_step_by_step(policy, t, prefill, budget, g):
     assert backend.reads == int(want.sum())
     held = t if policy == "quest" else min(t, budget)
     assert backend.held_peak == held * 2
+    # the evicting policies hold only what they keep: K/V, positions (ascending) and H2O's scores
+    assert backend.k[0].shape == backend.v[0].shape == (2, held, 8)
+    if policy != "quest":
+        pos = backend.pos[0]
+        assert pos.shape == (2, held) and bool((pos[:, 1:] > pos[:, :-1]).all())
+        if t > prefill:  # the keys the last query read, less the one its policy then evicted
+            assert all(bool(want[h, -1, pos[h]].all()) for h in range(2))
+        torch.testing.assert_close(backend.k[0], k.gather(1, pos[..., None].expand(-1, -1, 8)))
+    assert (backend.acc.get(0) is not None) == (policy == "h2o")
+
+
+def test_evicting_step_checks_positions():
+    q, k = torch.randn(2, 1, 4), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="pos"):
+        evicting_step("tova", q, k, torch.arange(2).expand(2, -1), None, 2)
 
 
 def test_policy_cache_checks_its_calls():

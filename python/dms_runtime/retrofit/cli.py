@@ -81,7 +81,7 @@ def add_parser(sub) -> None:
 
 def add_eval_parser(sub) -> None:
     from .policies import POLICIES
-    from .retrieval import TASKS
+    from .retrieval import CALIBRATION, TASKS
 
     p = sub.add_parser("eval", help="fidelity to the vanilla model and achieved compression, per length; "
                                     "heuristic eviction policies at the same KV budget")
@@ -100,7 +100,7 @@ def add_eval_parser(sub) -> None:
                         "at that length and skipped; else DMS and each --policy at DMS's budget on the same cases")
     p.add_argument("--retrieval-cases", type=cli_int(1, 10_000), default=20, help="seeded cases per (task, length)")
     p.add_argument("--retrieval-seed", type=cli_int(0, MAX_SEED), default=0)
-    p.add_argument("--calibration-threshold", type=cli_float(0.0, 1.0), default=0.8,
+    p.add_argument("--calibration-threshold", type=cli_float(0.0, 1.0), default=CALIBRATION,
                    help="vanilla accuracy below which a (task, length) is reported as uninformative")
     p.add_argument("--calibrate", action="store_true",
                    help="only vanilla on the --retrieval cases (the model may be a vanilla one); no fidelity, no figure")

@@ -27,6 +27,7 @@ from ..models.full_sequence import FullSequenceAttention
 from .training_backend import eviction_off
 from .data import pack, passkey_task, stdlib_documents, variable_tracking_task
 from .losses import distillation_kl
+from .retrieval import CALIBRATION
 
 
 @dataclass(slots=True)
@@ -258,7 +259,6 @@ class RetrievalRow:
         return asdict(self)
 
 
-CALIBRATION = 0.8  # vanilla's accuracy at or above which a task is informative at a length
 
 
 class RetrievalSuite:

@@ -18,9 +18,10 @@ to ``budget + 1``: it is appended before the policy evicts). Queries are batched
 forward pass; only batch size 1 is supported (one held-out sequence at a time).
 
 For scoring by generation, :class:`PolicyCache` runs the same rules during greedy decoding: the
-prompt's prefill is masked as above (and leaves the policy's cache state), then each new token's
-query reads the keys the policy leaves it (:func:`streaming_row`, :func:`quest_row`,
-:func:`evicting_step`); :func:`policy_generate` is the greedy loop.
+prompt's prefill is masked as above and leaves the cache the policy holds (StreamingLLM, TOVA and
+H2O keep only their held keys), then each new token's query reads the keys the policy leaves it
+(:func:`quest_row`, :func:`evicting_step`), O(budget) per token for the evicting policies;
+:func:`policy_generate` is the greedy loop.
 """
 
 from __future__ import annotations
@@ -123,34 +124,34 @@ def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, ro
     return mask, alive, acc
 
 
-def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, alive: torch.Tensor, acc: torch.Tensor | None,
-                  budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One decoded query of TOVA or H2O, the same rule as one row of :func:`evicting_mask`.
+def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor | None,
+                  budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoded query of TOVA or H2O on the held keys alone, the same rule as one row of
+    :func:`evicting_mask`, in O(budget).
 
-    q ``[Hkv, G, D]`` at position ``i = k.shape[1] - 1``; k ``[Hkv, i + 1, D]`` (the query's own key
-    last); alive ``[Hkv, i]`` and acc (H2O) ``[Hkv, i]``: the cache before it. Returns the keys the
-    query reads ``[Hkv, i + 1]`` and the cache after its eviction (alive, acc of length ``i + 1``).
+    q ``[Hkv, G, D]`` at position ``i = pos[:, -1]``; k ``[Hkv, n + 1, D]``: the keys held before it
+    then its own; pos ``[Hkv, n + 1]``: their positions, ascending (so ties go to the oldest key);
+    acc (H2O) ``[Hkv, n]``: the held keys' accumulated attention. The query reads all ``n + 1``.
+    Returns the columns of k still held after its eviction (``keep [Hkv, m]``, ascending;
+    ``m = n + 1`` while the cache is under budget, else ``budget``) and their acc (H2O; else None).
     """
     hkv, _, d = q.shape
-    i = k.shape[1] - 1
-    if alive.shape != (hkv, i):
-        raise ValueError(f"alive: expected shape {(hkv, i)}, got {tuple(alive.shape)}")
-    alive = torch.cat([alive, torch.ones((hkv, 1), dtype=torch.bool, device=alive.device)], 1)
-    read = alive.clone()
-    e = torch.einsum("hgd,hjd->hgj", q.float(), k.float()) * (1.0 / math.sqrt(d))
-    e = torch.exp(e - e.amax(-1, keepdim=True))
-    w = e * alive[:, None]
-    p = (w / w.sum(-1, keepdim=True)).mean(1)  # [Hkv, i + 1]
+    n1 = k.shape[1]
+    if pos.shape != (hkv, n1):
+        raise ValueError(f"pos: expected shape {(hkv, n1)}, got {tuple(pos.shape)}")
+    p = torch.softmax(torch.einsum("hgd,hjd->hgj", q.float(), k.float()) * (1.0 / math.sqrt(d)), -1).mean(1)
     if policy == "h2o":
         acc = torch.cat([acc, torch.zeros((hkv, 1), dtype=acc.dtype, device=acc.device)], 1) + p
-    if int(alive[0].sum()) > budget:  # every head holds the same number of keys
-        if policy == "tova":
-            score = p.masked_fill(~alive, float("inf"))
-        else:
-            cols = torch.arange(i + 1, device=q.device)
-            score = acc.masked_fill(~(alive & (cols <= i - budget // 2)), float("inf"))
-        alive[torch.arange(hkv, device=q.device), score.argmin(-1)] = False
-    return read, alive, acc
+    cols = torch.arange(n1, device=q.device).expand(hkv, -1)
+    if n1 <= budget:
+        return cols, acc
+    if policy == "tova":
+        score = p
+    else:
+        score = acc.masked_fill(pos > pos[:, -1:] - budget // 2, float("inf"))
+    victim = score.argmin(-1, keepdim=True)  # the first of equal scores: the oldest key
+    keep = cols[:, :-1] + (cols[:, :-1] >= victim).long()  # every column but the victim's, in order
+    return keep, (acc.gather(1, keep) if acc is not None else None)
 
 
 def quest_mask(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
@@ -262,20 +263,27 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 class PolicyCache:
     """Attention backend for greedy generation under a heuristic policy: a prefill of the prompt (one
     call per layer with all its tokens, masked as :func:`policy_mask` does), then one token per call.
-    Each decoded query reads the keys the policy leaves it (:func:`streaming_row`, :func:`quest_row`,
-    :func:`evicting_step`): the same rules as the teacher-forced masks, run step by step.
+    Each decoded query reads the keys the policy leaves it: the same rules as the teacher-forced
+    masks, run step by step.
 
-    K/V stay dense (the read mask does the eviction); ``held_peak`` counts, over layers and KV heads,
-    the most tokens a policy's cache would hold, ``reads`` the K/V tokens read by all queries.
-    ``record``: keep each layer's read rows (``masks[layer]``: ``[Hkv, T, T]``) for tests. Batch 1 only.
+    StreamingLLM, TOVA and H2O hold only the keys their policy keeps (``pos[layer]`` ``[Hkv, n]``,
+    ascending, with their K/V and, for H2O, accumulated attention): a decoded token appends its key,
+    reads the held keys, and the policy evicts (:func:`evicting_step`; StreamingLLM evicts first, so
+    its query reads ``budget`` keys, TOVA's and H2O's ``budget + 1``), O(budget) per token. Quest
+    keeps every key by design and reads the pages :func:`quest_row` picks.
+    ``held_peak`` counts, over layers and KV heads, the most tokens a policy's cache holds, ``reads``
+    the K/V tokens read by all queries. ``record``: keep each layer's read rows over positions
+    (``masks[layer]``: ``[Hkv, T, T]``) for tests. Batch 1 only.
     """
 
     def __init__(self, policy: str, budget: int, sinks: int = 4, page_size: int = 16, record: bool = False):
         _check(policy, budget)
         self.policy, self.budget, self.sinks, self.page_size = policy, budget, sinks, page_size
-        self.k: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}  # [Hkv, n, D]: the held keys (Quest: all)
         self.v: dict[int, torch.Tensor] = {}
-        self.state: dict[int, tuple] = {}
+        self.pos: dict[int, torch.Tensor] = {}  # [Hkv, n]: their positions (StreamingLLM, TOVA, H2O)
+        self.acc: dict[int, torch.Tensor | None] = {}  # [Hkv, n]: H2O's accumulated attention
+        self.length: dict[int, int] = {}  # tokens seen
         self.held: dict[int, int] = {}
         self.reads = 0
         self.masks: dict[int, torch.Tensor] | None = {} if record else None
@@ -284,8 +292,47 @@ class PolicyCache:
     def held_peak(self) -> int:
         return sum(self.held.values())
 
-    def _held(self, n: int) -> int:
-        return n if self.policy == "quest" else min(n, self.budget)
+    def _prefill(self, layer, qg, k, v) -> torch.Tensor:
+        """The prompt's read mask ``[Hkv, T, T]``; leaves the cache the policy holds after it."""
+        hkv, t = k.shape[0], k.shape[1]
+        acc = None
+        if self.policy in ("tova", "h2o"):
+            mask, alive, acc = evicting_mask(self.policy, qg, k, self.budget, state=True)
+        else:
+            mask = policy_mask(self.policy, qg, k, self.budget, self.sinks, self.page_size)
+            alive = None if self.policy == "quest" else streaming_row(t - 1, self.budget, self.sinks, k.device).expand(hkv, -1)
+        if alive is None:
+            self.k[layer], self.v[layer] = k.clone(), v.clone()
+        else:
+            # every head holds the same number of keys: nonzero lists them head by head, ascending
+            pos = alive.nonzero()[:, 1].view(hkv, -1)
+            idx = pos[..., None].expand(-1, -1, k.shape[-1])
+            self.pos[layer], self.k[layer], self.v[layer] = pos, k.gather(1, idx), v.gather(1, idx)
+            self.acc[layer] = acc.gather(1, pos) if acc is not None else None
+        return mask
+
+    def _decode(self, layer, qg, k, v) -> tuple:
+        """One query at position ``i``, its key ``k [Hkv, 1, D]`` appended: the keys and values it
+        reads ``[Hkv, n, D]``, the read mask over them ``[Hkv, 1, n]`` and their positions ``[Hkv, n]``
+        (None: column = position); leaves the cache as the policy's eviction does."""
+        hkv = k.shape[0]
+        kk, vv = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
+        if self.policy == "quest":
+            self.k[layer], self.v[layer] = kk, vv
+            return kk, vv, quest_row(qg[:, :, 0], kk, self.budget, self.page_size)[:, None], None
+        i = self.length[layer]
+        pos = torch.cat([self.pos[layer], torch.full((hkv, 1), i, dtype=torch.long, device=k.device)], 1)
+        if self.policy == "streaming":
+            if pos.shape[1] > self.budget:  # the oldest key after the sinks leaves before the query reads
+                sinks = min(self.sinks, self.budget - 1)
+                keep = torch.cat([torch.arange(sinks), torch.arange(sinks + 1, pos.shape[1])]).to(k.device)
+                keep = keep.expand(hkv, -1)
+                pos, kk, vv = pos.gather(1, keep), _gather(kk, keep), _gather(vv, keep)
+            self.pos[layer], self.k[layer], self.v[layer] = pos, kk, vv
+        else:  # TOVA, H2O: the query reads every held key and its own, then one leaves
+            keep, self.acc[layer] = evicting_step(self.policy, qg[:, :, 0], kk, pos, self.acc[layer], self.budget)
+            self.pos[layer], self.k[layer], self.v[layer] = pos.gather(1, keep), _gather(kk, keep), _gather(vv, keep)
+        return kk, vv, torch.ones((hkv, 1, pos.shape[1]), dtype=torch.bool, device=k.device), pos
 
     def attend(self, layer, q, k, v, logits):
         b, hq, t, d = q.shape
@@ -293,42 +340,42 @@ class PolicyCache:
         if b != 1:
             raise ValueError(f"q: policy generation runs one sequence at a time, got batch {b}")
         qg = q[0].view(hkv, hq // hkv, t, d)
-        if layer not in self.k:  # the prefill
-            if self.policy in ("tova", "h2o"):
-                mask, alive, acc = evicting_mask(self.policy, qg, k[0], self.budget, state=True)
-                self.state[layer] = (alive, acc)
-            else:
-                mask = policy_mask(self.policy, qg, k[0], self.budget, self.sinks, self.page_size)
-            self.k[layer], self.v[layer] = k[0].clone(), v[0].clone()
+        if layer not in self.length:
+            mask = self._prefill(layer, qg, k[0], v[0])
+            keys, values, read_pos = k[0], v[0], None
+            self.length[layer] = t
         else:
             if t != 1:
                 raise ValueError(f"q: after the prefill, one token per call, got {t}")
-            self.k[layer] = torch.cat([self.k[layer], k[0]], 1)
-            self.v[layer] = torch.cat([self.v[layer], v[0]], 1)
-            kk = self.k[layer]
-            i = kk.shape[1] - 1
-            if self.policy == "streaming":
-                row = streaming_row(i, self.budget, self.sinks, q.device).expand(hkv, -1)
-            elif self.policy == "quest":
-                row = quest_row(qg[:, :, 0], kk, self.budget, self.page_size)
-            else:
-                row, alive, acc = evicting_step(self.policy, qg[:, :, 0], kk, *self.state[layer], self.budget)
-                self.state[layer] = (alive, acc)
-            mask = row[:, None, :]
-        n = self.k[layer].shape[1]
-        self.held[layer] = max(self.held.get(layer, 0), self._held(n) * hkv)
+            keys, values, mask, read_pos = self._decode(layer, qg, k[0], v[0])
+            self.length[layer] += 1
+        self.held[layer] = max(self.held.get(layer, 0), self.k[layer].shape[1] * hkv)
         self.reads += int(mask.sum())
         if self.masks is not None:
-            prev = self.masks.get(layer)
-            if prev is None:
-                self.masks[layer] = mask.clone()
-            else:
-                grown = torch.zeros((hkv, n, n), dtype=torch.bool, device=mask.device)
-                grown[:, : n - 1, : n - 1] = prev
-                grown[:, n - 1:] = mask
-                self.masks[layer] = grown
-        out = _masked_attention(qg, self.k[layer], self.v[layer], mask)
+            self._record(layer, mask, read_pos)
+        out = _masked_attention(qg, keys, values, mask)
         return out.view(1, hq, t, d)
+
+    def _record(self, layer, mask, read_pos):
+        """Appends a call's read rows, over positions, to ``masks[layer]``."""
+        hkv, n = mask.shape[0], self.length[layer]
+        if read_pos is not None:  # a decoded row over held columns -> over positions
+            row = torch.zeros((hkv, 1, n), dtype=torch.bool, device=mask.device)
+            row.scatter_(2, read_pos[:, None], mask)
+            mask = row
+        prev = self.masks.get(layer)
+        if prev is None:
+            self.masks[layer] = mask.clone()
+        else:
+            grown = torch.zeros((hkv, n, n), dtype=torch.bool, device=mask.device)
+            grown[:, : n - 1, : n - 1] = prev
+            grown[:, n - 1:] = mask
+            self.masks[layer] = grown
+
+
+def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x ``[Hkv, n, D]`` at columns keep ``[Hkv, m]`` -> ``[Hkv, m, D]``."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
 
 
 @torch.inference_mode()

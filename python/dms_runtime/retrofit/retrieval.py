@@ -206,7 +206,10 @@ def score(task: str, answers: list[str], text: str | None) -> float:
     return len(set(first) & set(answers)) / len(set(answers))
 
 
-def informative(vanilla: dict, threshold: float = 0.8) -> dict:
+CALIBRATION = 0.8  # vanilla's accuracy at or above which a task is informative at a length
+
+
+def informative(vanilla: dict, threshold: float = CALIBRATION) -> dict:
     """``{(task, length): vanilla accuracy}`` -> ``{(task, length): vanilla accuracy >= threshold}``."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold: expected a fraction in [0, 1], got {threshold!r}")
