@@ -38,7 +38,8 @@ def main(argv=None) -> None:
             cache.attend(0, q[:, :, i: i + 1], k[:, :, i: i + 1], v[:, :, i: i + 1], None)
         ms = 1e3 * (time.perf_counter() - t0) / a.steps
         mib = (cache.k[0].numel() + cache.v[0].numel()) * 4 / 2**20
-        print(f"{policy:10s} {ms:7.2f} ms per decoded token (one layer)   K/V held {mib:6.2f} MiB")
+        print(f"{policy:10s} {ms:7.2f} ms per decoded token (one layer)   K/V held {mib:6.2f} MiB "
+              f"({cache.k[0].shape[1]} tokens per KV head)")
 
 
 if __name__ == "__main__":
