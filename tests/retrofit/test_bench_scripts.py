@@ -84,5 +84,5 @@ def test_policy_decode_reports_each_policy_and_the_kv_it_holds(capsys):
     bench("policy_decode").main(["--length", "40", "--budget", "8", "--steps", "3", "--heads", "2", "2", "4"])
     lines = capsys.readouterr().out.splitlines()
     assert [x.split()[0] for x in lines] == ["streaming", "tova", "h2o", "quest"]
-    held = {x.split()[0]: int(x.split("(")[1].split()[0]) for x in lines}
+    held = {x.split()[0]: int(x.rsplit("(", 1)[1].split()[0]) for x in lines}
     assert held == {"streaming": 8, "tova": 8, "h2o": 8, "quest": 43}  # the budget; Quest keeps every token
