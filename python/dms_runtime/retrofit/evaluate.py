@@ -259,8 +259,6 @@ class RetrievalRow:
         return asdict(self)
 
 
-
-
 class RetrievalSuite:
     """The seeded cases of each (task, length), and vanilla's accuracy on them, measured once per
     base model and shared by the DMS models and policies compared on it."""
