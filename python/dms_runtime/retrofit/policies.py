@@ -93,7 +93,7 @@ def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, ro
         # the only keys these queries can read: the cache at the chunk's start and the chunk's own keys
         cand = torch.cat([slots, torch.arange(c, c + n, device=dev).expand(hkv, n)], 1)  # [Hkv, C]
         lut.scatter_(1, cand, torch.arange(cand.shape[1], device=dev).expand(hkv, -1))
-        kc = k.gather(1, cand[..., None].expand(-1, -1, d))
+        kc = _gather(k, cand)
         e = torch.einsum("hgid,hjd->hgij", q[:, :, c: c + n], kc) * scale  # [Hkv, G, n, C]
         e = e.masked_fill(cand[:, None, None, :] > torch.arange(c, c + n, device=dev)[None, None, :, None],
                           float("-inf"))
@@ -306,8 +306,7 @@ class PolicyCache:
         else:
             # every head holds the same number of keys: nonzero lists them head by head, ascending
             pos = alive.nonzero()[:, 1].view(hkv, -1)
-            idx = pos[..., None].expand(-1, -1, k.shape[-1])
-            self.pos[layer], self.k[layer], self.v[layer] = pos, k.gather(1, idx), v.gather(1, idx)
+            self.pos[layer], self.k[layer], self.v[layer] = pos, _gather(k, pos), _gather(v, pos)
             self.acc[layer] = acc.gather(1, pos) if acc is not None else None
         return mask
 
@@ -325,9 +324,7 @@ class PolicyCache:
         if self.policy == "streaming":
             if pos.shape[1] > self.budget:  # the oldest key after the sinks leaves before the query reads
                 sinks = min(self.sinks, self.budget - 1)
-                keep = torch.cat([torch.arange(sinks), torch.arange(sinks + 1, pos.shape[1])]).to(k.device)
-                keep = keep.expand(hkv, -1)
-                pos, kk, vv = pos.gather(1, keep), _gather(kk, keep), _gather(vv, keep)
+                pos, kk, vv = (torch.cat([x[:, :sinks], x[:, sinks + 1:]], 1) for x in (pos, kk, vv))
             self.pos[layer], self.k[layer], self.v[layer] = pos, kk, vv
         else:  # TOVA, H2O: the query reads every held key and its own, then one leaves
             keep, self.acc[layer] = evicting_step(self.policy, qg[:, :, 0], kk, pos, self.acc[layer], self.budget)
