@@ -1,7 +1,7 @@
 """Time greedy decoding under the heuristic policies (``PolicyCache``) on one attention layer with
-random inputs: a prefill of ``--length`` tokens, then ``--steps`` decoded tokens, per policy; prints the
-time per decoded token and the K/V the cache holds. Runs the ``dms_runtime`` on ``sys.path``, so the
-same script times another commit's code (``PYTHONPATH=<worktree>/python``).
+random inputs: a prefill of ``--length`` tokens, then ``--steps`` decoded tokens, per policy; prints
+the prefill's time, the time per decoded token and the K/V the cache holds. Runs the ``dms_runtime``
+on ``sys.path``, so the same script times another commit's code (``PYTHONPATH=<worktree>/python``).
 
     .venv/bin/python bench/policy_decode.py --length 8192 --budget 1000 --steps 64
 """
@@ -32,13 +32,15 @@ def main(argv=None) -> None:
     q, k, v = (torch.randn(1, h, n, d, generator=gen) for h in (hkv * g, hkv, hkv))
     for policy in a.policies:
         cache = PolicyCache(policy, a.budget)
+        t0 = time.perf_counter()
         cache.attend(0, q[:, :, : a.length], k[:, :, : a.length], v[:, :, : a.length], None)
+        prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in range(a.length, n):
             cache.attend(0, q[:, :, i: i + 1], k[:, :, i: i + 1], v[:, :, i: i + 1], None)
         ms = 1e3 * (time.perf_counter() - t0) / a.steps
         mib = (cache.k[0].numel() + cache.v[0].numel()) * 4 / 2**20
-        print(f"{policy:10s} {ms:7.2f} ms per decoded token (one layer)   K/V held {mib:6.2f} MiB "
+        print(f"{policy:10s} prefill {prefill:6.2f} s   {ms:7.2f} ms per decoded token (one layer)   K/V held {mib:6.2f} MiB "
               f"({cache.k[0].shape[1]} tokens per KV head)")
 
 

@@ -127,3 +127,37 @@ def test_ties_evict_the_oldest_key(policy):
     assert torch.equal(got, naive_evicting(policy, q, k, 6))
     if policy == "tova":
         assert got[0, 20].nonzero().flatten().tolist() == list(range(14, 21))
+
+
+@pytest.mark.parametrize("t,budget,sinks,rows", [(1, 4, 2, 3), (13, 6, 2, 4), (40, 9, 4, 7), (25, 25, 4, 8), (17, 3, 4, 5)])
+def test_streaming_plan_is_the_streaming_mask(t, budget, sinks, rows):
+    from dms_runtime.retrofit.policies import plan_mask, streaming_mask, streaming_plan
+
+    plan = streaming_plan(t, 2, budget, sinks, rows)
+    assert torch.equal(plan_mask(plan, 2, t), streaming_mask(t, budget, sinks).expand(2, -1, -1))
+    # a chunk lists only keys its queries can read: at most the sinks, the window and the chunk's own keys
+    assert all(keys.shape[1] <= min(sinks, budget - 1) + budget + m.shape[1] for _, keys, m in plan)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_quest_across_row_chunks(rows):
+    from dms_runtime.retrofit.policies import plan_mask, quest_plan
+
+    gen = torch.Generator().manual_seed(12)
+    q, k = torch.randn(2, 2, 30, 8, generator=gen), torch.randn(2, 30, 8, generator=gen)
+    assert torch.equal(plan_mask(quest_plan(q, k, 8, 4, rows), 2, 30), naive_quest(q, k, 8, 4))
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tova", "h2o", "quest"])
+@pytest.mark.parametrize("t,budget", [(1, 4), (2, 2), (37, 7), (64, 16)])
+def test_plan_attention_is_the_dense_masked_attention(policy, t, budget):
+    """Each chunk attends over only the keys its plan lists: the same output and reads as the dense
+    masked attention over all positions (rows smaller than the budget, so chunks cross it)."""
+    from dms_runtime.retrofit.policies import _masked_attention, plan_attention, plan_mask, plan_reads, policy_plan
+
+    gen = torch.Generator().manual_seed(t + budget)
+    q, k, v = torch.randn(2, 3, t, 8, generator=gen), torch.randn(2, t, 8, generator=gen), torch.randn(2, t, 8, generator=gen)
+    plan = policy_plan(policy, q, k, budget, sinks=2, page_size=4, rows=5)
+    mask = plan_mask(plan, 2, t)
+    torch.testing.assert_close(plan_attention(q, k, v, plan), _masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    assert plan_reads(plan) == int(mask.sum())

@@ -17,6 +17,11 @@ The evicting policies hold at most ``budget`` tokens after each step (the query 
 to ``budget + 1``: it is appended before the policy evicts). Queries are batched rows of one
 forward pass; only batch size 1 is supported (one held-out sequence at a time).
 
+The attention runs on a read plan (:func:`policy_plan`): chunks of query rows, each with the keys its
+queries can read and the mask over those, so a prefill under a budget costs O(T * budget) for
+StreamingLLM, TOVA and H2O (Quest: the causal prefix); :func:`policy_mask` is the same plan as a
+dense ``[Hkv, T, T]`` mask.
+
 For scoring by generation, :class:`PolicyCache` runs the same rules during greedy decoding: the
 prompt's prefill is masked as above and leaves the cache the policy holds (StreamingLLM, TOVA and
 H2O keep only their held keys), then each new token's query reads the keys the policy leaves it
@@ -53,75 +58,111 @@ def streaming_mask(t: int, budget: int, sinks: int = 4, device=None) -> torch.Te
     return (j <= i) & ((j < sinks) | (i - j < budget - sinks))
 
 
-def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, rows: int = 256,
-                  state: bool = False):
-    """TOVA or H2O, simulated token by token. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``.
+# A read plan: the keys each query reads, row chunk by row chunk, as a list of ``(start, keys, mask)``:
+# queries ``start .. start + n - 1`` read, of the keys ``keys [Hkv, C]`` (positions, ascending), those
+# where ``mask [Hkv, n, C]`` is set. A chunk lists only the keys some of its queries can read, so the
+# attention over a plan costs O(T * budget), not O(T^2).
+ReadPlan = list[tuple[int, torch.Tensor, torch.Tensor]]
 
-    The scores of ``rows`` queries at a time are exponentiated once (shifted by their row maximum),
-    over the only keys they can read (the cache at the chunk's start and the chunk's own keys);
-    each step then renormalises one row over the keys still alive. The cache is held compactly:
-    ``slots`` ``[Hkv, budget + 1]`` lists the key each slot holds, the new key takes the slot its
-    predecessor's victim left, so a step costs O(budget), not O(T). Ties go to the oldest key.
-    ``state``: also return the cache after the last query, ``(alive [Hkv, T], acc [Hkv, T] or None)``,
-    for :func:`evicting_step`.
+
+def _causal_chunks(t: int, hkv: int, rows: int, device) -> ReadPlan:
+    """Every query reads every key up to itself."""
+    plan = []
+    for c in range(0, t, rows):
+        n = min(rows, t - c)
+        keys = torch.arange(c + n, device=device)
+        plan.append((c, keys.expand(hkv, -1), (keys[None, :] <= torch.arange(c, c + n, device=device)[:, None])
+                     .expand(hkv, -1, -1)))
+    return plan
+
+
+def streaming_plan(t: int, hkv: int, budget: int, sinks: int = 4, rows: int = 256, device=None) -> ReadPlan:
+    """StreamingLLM's reads (:func:`streaming_mask`) as a read plan: each chunk lists the sinks and
+    the window its queries share."""
+    sinks = min(sinks, budget - 1)
+    plan = []
+    for c in range(0, t, rows):
+        n = min(rows, t - c)
+        lo = max(0, c - (budget - sinks) + 1)  # the oldest key after the sinks that query ``c`` reads
+        keys = torch.cat([torch.arange(min(sinks, lo), device=device), torch.arange(lo, c + n, device=device)])
+        i = torch.arange(c, c + n, device=device)[:, None]
+        m = (keys[None, :] <= i) & ((keys[None, :] < sinks) | (i - keys[None, :] < budget - sinks))
+        plan.append((c, keys.expand(hkv, -1), m.expand(hkv, -1, -1)))
+    return plan
+
+
+def evicting_plan(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, rows: int = 256):
+    """TOVA or H2O, simulated token by token. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> the read
+    plan, and the cache after the last query: ``(plan, alive [Hkv, T], acc [Hkv, T] or None)``.
+
+    The first ``budget`` queries evict nothing (causal chunks). After them, a chunk of ``rows`` queries
+    can read only the cache at the chunk's start (``budget`` keys) and the chunk's own keys; their
+    scores over those ``budget + rows`` keys are computed once, and each step appends its query's key,
+    records what the query reads, and evicts one key: a softmax over the keys alive, so a step costs
+    O(budget + rows), not O(T). Keys are in ascending order, so ties go to the oldest key.
     """
     hkv, g, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     q, k = q.float(), k.float()
     dev = q.device
-    mask = torch.ones((t, t), dtype=torch.bool, device=dev).tril().expand(hkv, t, t).clone()
     n0 = min(t, budget)
+    plan = _causal_chunks(n0, hkv, rows, dev)
     acc = None
     if policy == "h2o":
         # attention accumulated by the queries before the first eviction: plain causal softmax
         s = torch.einsum("hgid,hjd->hgij", q[:, :, :n0], k[:, :n0]) * scale
-        s = s.masked_fill(~mask[:, None, :n0, :n0], float("-inf"))
+        s = s.masked_fill(torch.ones((n0, n0), dtype=torch.bool, device=dev).triu(1), float("-inf"))
         acc = torch.zeros((hkv, t), dtype=torch.float32, device=dev)
         acc[:, :n0] = torch.softmax(s, -1).mean(1).sum(1)
         recent = budget // 2
     if t <= budget:
-        alive = torch.ones((hkv, t), dtype=torch.bool, device=dev)
-        return (mask, alive, acc) if state else mask
+        return plan, torch.ones((hkv, t), dtype=torch.bool, device=dev), acc
     heads = torch.arange(hkv, device=dev)
-    slots = torch.arange(budget + 1, device=dev).repeat(hkv, 1)  # slot ``budget``: free, for key ``budget``
-    free = torch.full((hkv,), budget, dtype=torch.long, device=dev)
-    held = acc[:, : budget + 1].clone() if acc is not None else None  # acc of the key in each slot
-    oldest = torch.full_like(slots, t)  # the tie-break's filler: later than any key
-    lut = torch.zeros((hkv, t), dtype=torch.long, device=dev)  # key -> its column in the chunk's scores
+    held = torch.arange(budget, device=dev).expand(hkv, -1)  # the cache's keys, ascending
+    held_acc = acc[:, :budget] if acc is not None else None
     for c in range(budget, t, rows):
         n = min(rows, t - c)
-        # the only keys these queries can read: the cache at the chunk's start and the chunk's own keys
-        cand = torch.cat([slots, torch.arange(c, c + n, device=dev).expand(hkv, n)], 1)  # [Hkv, C]
-        lut.scatter_(1, cand, torch.arange(cand.shape[1], device=dev).expand(hkv, -1))
-        kc = _gather(k, cand)
-        e = torch.einsum("hgid,hjd->hgij", q[:, :, c: c + n], kc) * scale  # [Hkv, G, n, C]
-        e = e.masked_fill(cand[:, None, None, :] > torch.arange(c, c + n, device=dev)[None, None, :, None],
-                          float("-inf"))
-        e = torch.exp(e - e.amax(-1, keepdim=True))
+        keys = torch.cat([held, torch.arange(c, c + n, device=dev).expand(hkv, n)], 1)  # [Hkv, budget + n]
+        s = torch.einsum("hgid,hjd->hgij", q[:, :, c: c + n], _gather(k, keys)) * scale  # [Hkv, G, n, C]
+        alive = torch.zeros(keys.shape, dtype=torch.bool, device=dev)
+        alive[:, :budget] = True
+        m = torch.empty((hkv, n, keys.shape[1]), dtype=torch.bool, device=dev)
+        if held_acc is not None:
+            kacc = torch.cat([held_acc, torch.zeros((hkv, n), device=dev)], 1)
         for r in range(n):
-            i = c + r
-            slots[heads, free] = i
-            row = mask[:, i]
-            row.zero_()
-            row.scatter_(1, slots, True)  # the query reads the cache with itself appended, before the eviction
-            w = e[:, :, r].gather(-1, lut.gather(1, slots)[:, None, :].expand(-1, g, -1))  # [Hkv, G, budget + 1]
-            p = (w / w.sum(-1, keepdim=True)).mean(1)  # averaged over the query group
-            if policy == "tova":
-                score = p
+            alive[:, budget + r] = True
+            m[:, r] = alive  # the query reads the cache with itself appended, before the eviction
+            dead = ~alive
+            p = torch.softmax(s[:, :, r].masked_fill(dead[:, None], float("-inf")), -1).mean(1)  # over the group
+            if held_acc is None:
+                score = p.masked_fill(dead, float("inf"))
             else:
-                held[heads, free] = 0.0
-                held += p
-                score = held.masked_fill(slots > i - recent, float("inf"))
-            low = score == score.amin(-1, keepdim=True)
-            free = torch.where(low, slots, oldest).argmin(-1)  # the victim's slot
-    if not state:
-        return mask
+                kacc += p
+                score = kacc.masked_fill(dead | (keys > c + r - recent), float("inf"))
+            alive[heads, score.argmin(-1)] = False  # argmin: the first of equal scores, the oldest key
+        plan.append((c, keys, m))
+        held = keys[alive].view(hkv, budget)  # row-major: head by head, ascending
+        if held_acc is not None:
+            held_acc = kacc[alive].view(hkv, budget)
     alive = torch.zeros((hkv, t), dtype=torch.bool, device=dev)
-    alive.scatter_(1, slots, True)
-    alive[heads, slots[heads, free]] = False  # the last victim
+    alive.scatter_(1, held, True)
     if acc is not None:
-        acc.scatter_(1, slots, held)
-    return mask, alive, acc
+        acc.scatter_(1, held, held_acc)
+    return plan, alive, acc
+
+
+def evicting_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, rows: int = 256) -> torch.Tensor:
+    """TOVA or H2O (:func:`evicting_plan`) as a dense mask: q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``."""
+    return plan_mask(evicting_plan(policy, q, k, budget, rows)[0], q.shape[0], q.shape[2])
+
+
+def plan_mask(plan: ReadPlan, hkv: int, t: int) -> torch.Tensor:
+    """A read plan as a dense mask ``[Hkv, T, T]`` over positions."""
+    mask = torch.zeros((hkv, t, t), dtype=torch.bool, device=plan[0][1].device if plan else None)
+    for c, keys, m in plan:
+        n = m.shape[1]
+        mask[:, c: c + n].scatter_(2, keys[:, None].expand(-1, n, -1), m)
+    return mask
 
 
 def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor | None,
@@ -154,31 +195,41 @@ def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, pos: torch.Tens
     return keep, (acc.gather(1, keep) if acc is not None else None)
 
 
-def quest_mask(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
-    """Quest page selection. q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``."""
+def quest_plan(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16, rows: int = 256) -> ReadPlan:
+    """Quest page selection as a read plan: q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]``; a chunk of
+    queries lists every key up to its last query (Quest keeps them all)."""
     hkv, _, t, d = q.shape
+    dev = q.device
     pages = -(-t // page_size)
-    pad = pages * page_size - t
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
-    kp = kp.view(hkv, pages, page_size, d)
-    valid = (torch.arange(pages * page_size, device=k.device) < t).view(pages, page_size)[None, :, :, None]
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pages * page_size - t)).view(hkv, pages, page_size, d)
+    valid = (torch.arange(pages * page_size, device=dev) < t).view(pages, page_size)[None, :, :, None]
     kmax = kp.masked_fill(~valid, float("-inf")).amax(2)  # [Hkv, P, D]
     kmin = kp.masked_fill(~valid, float("inf")).amin(2)
     qf = q.float()
     qpos, qneg = qf.clamp(min=0), qf.clamp(max=0)
-    score = (torch.einsum("hgtd,hpd->htp", qpos, kmax) + torch.einsum("hgtd,hpd->htp", qneg, kmin))  # [Hkv, T, P]
-    i = torch.arange(t, device=q.device)
-    own = i // page_size
-    page = torch.arange(pages, device=q.device)
-    score = score.masked_fill(page[None, None, :] > own[None, :, None], float("-inf"))
-    score = score.masked_fill(page[None, None, :] == own[None, :, None], float("inf"))
+    page = torch.arange(pages, device=dev)
     n_pages = min(pages, max(1, budget // page_size))
-    top = score.topk(n_pages, dim=-1).indices  # [Hkv, T, n_pages]
-    chosen = torch.zeros((hkv, t, pages), dtype=torch.bool, device=q.device)
-    chosen.scatter_(-1, top, True)
-    chosen &= page[None, None, :] <= own[None, :, None]  # a -inf page picked to fill the top-k is not read
-    mask = chosen.repeat_interleave(page_size, dim=-1)[..., :t]
-    return mask & (i[None, None, :] <= i[None, :, None])
+    plan = []
+    for c in range(0, t, rows):
+        n = min(rows, t - c)
+        i = torch.arange(c, c + n, device=dev)
+        own = (i // page_size)[None, :, None]
+        score = (torch.einsum("hgtd,hpd->htp", qpos[:, :, c: c + n], kmax)
+                 + torch.einsum("hgtd,hpd->htp", qneg[:, :, c: c + n], kmin))  # [Hkv, n, P]
+        score = score.masked_fill(page > own, float("-inf")).masked_fill(page == own, float("inf"))
+        top = score.topk(n_pages, dim=-1).indices
+        chosen = torch.zeros((hkv, n, pages), dtype=torch.bool, device=dev)
+        chosen.scatter_(-1, top, True)
+        chosen &= page <= own  # a -inf page picked to fill the top-k is not read
+        keys = torch.arange(c + n, device=dev)
+        m = chosen.repeat_interleave(page_size, dim=-1)[..., : c + n] & (keys[None, None, :] <= i[None, :, None])
+        plan.append((c, keys.expand(hkv, -1), m))
+    return plan
+
+
+def quest_mask(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
+    """Quest page selection (:func:`quest_plan`) as a dense mask: q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> bool ``[Hkv, T, T]``."""
+    return plan_mask(quest_plan(q, k, budget, page_size), q.shape[0], q.shape[2])
 
 
 def quest_row(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
@@ -206,15 +257,21 @@ def streaming_row(i: int, budget: int, sinks: int = 4, device=None) -> torch.Ten
     return (j < sinks) | (i - j < budget - sinks)
 
 
+def policy_plan(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, sinks: int = 4,
+                page_size: int = 16, rows: int = 256) -> ReadPlan:
+    """The keys each query reads under ``policy`` as a read plan: q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]``."""
+    _check(policy, budget)
+    if policy == "streaming":
+        return streaming_plan(q.shape[2], q.shape[0], budget, sinks, rows, q.device)
+    if policy == "quest":
+        return quest_plan(q, k, budget, page_size, rows)
+    return evicting_plan(policy, q, k, budget, rows)[0]
+
+
 def policy_mask(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, sinks: int = 4,
                 page_size: int = 16) -> torch.Tensor:
     """The keys each query reads under ``policy``: q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]`` -> ``[Hkv, T, T]``."""
-    _check(policy, budget)
-    if policy == "streaming":
-        return streaming_mask(q.shape[2], budget, sinks, q.device).expand(q.shape[0], -1, -1)
-    if policy == "quest":
-        return quest_mask(q, k, budget, page_size)
-    return evicting_mask(policy, q, k, budget)
+    return plan_mask(policy_plan(policy, q, k, budget, sinks, page_size), q.shape[0], q.shape[2])
 
 
 class PolicyAttention:
@@ -240,12 +297,26 @@ class PolicyAttention:
             raise ValueError(f"q: policy evaluation runs one sequence at a time, got batch {b}")
         g = hq // hkv
         qg = q[0].view(hkv, g, t, d)
-        mask = policy_mask(self.policy, qg, k[0], self.budget, self.sinks, self.page_size)
+        plan = policy_plan(self.policy, qg, k[0], self.budget, self.sinks, self.page_size)
         held = t if self.policy == "quest" else min(t, self.budget)
         self.held_peak += held * hkv
-        self.reads += int(mask.sum())
-        out = _masked_attention(qg, k[0], v[0], mask)
-        return out.view(1, hq, t, d)
+        self.reads += plan_reads(plan)
+        return plan_attention(qg, k[0], v[0], plan).view(1, hq, t, d)
+
+
+def plan_reads(plan: ReadPlan) -> int:
+    """The K/V tokens read by all queries of a plan, over its KV heads."""
+    return int(sum(m.sum() for _, _, m in plan)) if plan else 0
+
+
+def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ReadPlan) -> torch.Tensor:
+    """q ``[Hkv, G, T, D]``, k/v ``[Hkv, T, D]`` -> ``[Hkv, G, T, D]``: each chunk of queries attends
+    over the keys its plan lists (gathered), masked as the plan says."""
+    out = torch.empty_like(q)
+    for c, keys, m in plan:
+        n = m.shape[1]
+        out[:, :, c: c + n] = _masked_attention(q[:, :, c: c + n], _gather(k, keys), _gather(v, keys), m)
+    return out
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -262,7 +333,7 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 class PolicyCache:
     """Attention backend for greedy generation under a heuristic policy: a prefill of the prompt (one
-    call per layer with all its tokens, masked as :func:`policy_mask` does), then one token per call.
+    call per layer with all its tokens, read as :func:`policy_plan` plans), then one token per call.
     Each decoded query reads the keys the policy leaves it: the same rules as the teacher-forced
     masks, run step by step.
 
@@ -292,14 +363,14 @@ class PolicyCache:
     def held_peak(self) -> int:
         return sum(self.held.values())
 
-    def _prefill(self, layer, qg, k, v) -> torch.Tensor:
-        """The prompt's read mask ``[Hkv, T, T]``; leaves the cache the policy holds after it."""
+    def _prefill(self, layer, qg, k, v) -> ReadPlan:
+        """The prompt's read plan; leaves the cache the policy holds after it."""
         hkv, t = k.shape[0], k.shape[1]
         acc = None
         if self.policy in ("tova", "h2o"):
-            mask, alive, acc = evicting_mask(self.policy, qg, k, self.budget, state=True)
+            plan, alive, acc = evicting_plan(self.policy, qg, k, self.budget)
         else:
-            mask = policy_mask(self.policy, qg, k, self.budget, self.sinks, self.page_size)
+            plan = policy_plan(self.policy, qg, k, self.budget, self.sinks, self.page_size)
             alive = None if self.policy == "quest" else streaming_row(t - 1, self.budget, self.sinks, k.device).expand(hkv, -1)
         if alive is None:
             self.k[layer], self.v[layer] = k.clone(), v.clone()
@@ -308,7 +379,7 @@ class PolicyCache:
             pos = alive.nonzero()[:, 1].view(hkv, -1)
             self.pos[layer], self.k[layer], self.v[layer] = pos, _gather(k, pos), _gather(v, pos)
             self.acc[layer] = acc.gather(1, pos) if acc is not None else None
-        return mask
+        return plan
 
     def _decode(self, layer, qg, k, v) -> tuple:
         """One query at position ``i``, its key ``k [Hkv, 1, D]`` appended: the keys and values it
@@ -338,36 +409,35 @@ class PolicyCache:
             raise ValueError(f"q: policy generation runs one sequence at a time, got batch {b}")
         qg = q[0].view(hkv, hq // hkv, t, d)
         if layer not in self.length:
-            mask = self._prefill(layer, qg, k[0], v[0])
-            keys, values, read_pos = k[0], v[0], None
+            plan = self._prefill(layer, qg, k[0], v[0])
             self.length[layer] = t
+            self.reads += plan_reads(plan)
+            if self.masks is not None:
+                self.masks[layer] = plan_mask(plan, hkv, t)
+            out = plan_attention(qg, k[0], v[0], plan)
         else:
             if t != 1:
                 raise ValueError(f"q: after the prefill, one token per call, got {t}")
             keys, values, mask, read_pos = self._decode(layer, qg, k[0], v[0])
             self.length[layer] += 1
+            self.reads += int(mask.sum())
+            if self.masks is not None:
+                self._record(layer, mask, read_pos)
+            out = _masked_attention(qg, keys, values, mask)
         self.held[layer] = max(self.held.get(layer, 0), self.k[layer].shape[1] * hkv)
-        self.reads += int(mask.sum())
-        if self.masks is not None:
-            self._record(layer, mask, read_pos)
-        out = _masked_attention(qg, keys, values, mask)
         return out.view(1, hq, t, d)
 
     def _record(self, layer, mask, read_pos):
-        """Appends a call's read rows, over positions, to ``masks[layer]``."""
+        """Appends a decoded row (over the columns it read, ``mask [Hkv, 1, n]``) to ``masks[layer]`` over positions."""
         hkv, n = mask.shape[0], self.length[layer]
-        if read_pos is not None:  # a decoded row over held columns -> over positions
+        if read_pos is not None:  # over held columns -> over positions
             row = torch.zeros((hkv, 1, n), dtype=torch.bool, device=mask.device)
             row.scatter_(2, read_pos[:, None], mask)
             mask = row
-        prev = self.masks.get(layer)
-        if prev is None:
-            self.masks[layer] = mask.clone()
-        else:
-            grown = torch.zeros((hkv, n, n), dtype=torch.bool, device=mask.device)
-            grown[:, : n - 1, : n - 1] = prev
-            grown[:, n - 1:] = mask
-            self.masks[layer] = grown
+        grown = torch.zeros((hkv, n, n), dtype=torch.bool, device=mask.device)
+        grown[:, : n - 1, : n - 1] = self.masks[layer]
+        grown[:, n - 1:] = mask
+        self.masks[layer] = grown
 
 
 def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
