@@ -101,7 +101,7 @@ def evicting_plan(policy: str, q: torch.Tensor, k: torch.Tensor, budget: int, ro
     records what the query reads, and evicts one key: a softmax over the keys alive, so a step costs
     O(budget + rows), not O(T). Keys are in ascending order, so ties go to the oldest key.
     """
-    hkv, g, t, d = q.shape
+    hkv, _, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     q, k = q.float(), k.float()
     dev = q.device
@@ -195,16 +195,22 @@ def evicting_step(policy: str, q: torch.Tensor, k: torch.Tensor, pos: torch.Tens
     return keep, (acc.gather(1, keep) if acc is not None else None)
 
 
+def _page_bounds(k: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's per-page key bounds: k ``[Hkv, T, D]`` -> (max, min) over each page's keys, ``[Hkv, P, D]``."""
+    hkv, t, d = k.shape
+    pages = -(-t // page_size)
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pages * page_size - t)).view(hkv, pages, page_size, d)
+    valid = (torch.arange(pages * page_size, device=k.device) < t).view(pages, page_size)[None, :, :, None]
+    return kp.masked_fill(~valid, float("-inf")).amax(2), kp.masked_fill(~valid, float("inf")).amin(2)
+
+
 def quest_plan(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16, rows: int = 256) -> ReadPlan:
     """Quest page selection as a read plan: q ``[Hkv, G, T, D]``, k ``[Hkv, T, D]``; a chunk of
     queries lists every key up to its last query (Quest keeps them all)."""
-    hkv, _, t, d = q.shape
+    hkv, _, t, _ = q.shape
     dev = q.device
     pages = -(-t // page_size)
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pages * page_size - t)).view(hkv, pages, page_size, d)
-    valid = (torch.arange(pages * page_size, device=dev) < t).view(pages, page_size)[None, :, :, None]
-    kmax = kp.masked_fill(~valid, float("-inf")).amax(2)  # [Hkv, P, D]
-    kmin = kp.masked_fill(~valid, float("inf")).amin(2)
+    kmax, kmin = _page_bounds(k, page_size)
     qf = q.float()
     qpos, qneg = qf.clamp(min=0), qf.clamp(max=0)
     page = torch.arange(pages, device=dev)
@@ -235,12 +241,9 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 1
 def quest_row(q: torch.Tensor, k: torch.Tensor, budget: int, page_size: int = 16) -> torch.Tensor:
     """Quest page selection for one decoded query (the last row of :func:`quest_mask`):
     q ``[Hkv, G, D]`` at position ``i = k.shape[1] - 1``, k ``[Hkv, i + 1, D]`` -> bool ``[Hkv, i + 1]``."""
-    hkv, n, d = k.shape
+    hkv, n, _ = k.shape
     pages = -(-n // page_size)
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pages * page_size - n)).view(hkv, pages, page_size, d)
-    valid = (torch.arange(pages * page_size, device=k.device) < n).view(pages, page_size)[None, :, :, None]
-    kmax = kp.masked_fill(~valid, float("-inf")).amax(2)
-    kmin = kp.masked_fill(~valid, float("inf")).amin(2)
+    kmax, kmin = _page_bounds(k, page_size)
     qf = q.float()
     score = (torch.einsum("hgd,hpd->hp", qf.clamp(min=0), kmax) + torch.einsum("hgd,hpd->hp", qf.clamp(max=0), kmin))
     score[:, pages - 1] = float("inf")  # the query's own page
