@@ -19,7 +19,13 @@ DMS_KEYS = {
     "dms_tau": ("tau", 0.1),
     "dms_disable_eviction": ("disable_eviction", False),
     "dms_sink_tokens": ("sink_tokens", 0),  # ours: 0 in released checkpoints (plain DMS)
+    "dms_lora_rank": ("lora_rank", 0),  # ours: a low-rank update of the base, active with DMS (models/lora.py)
+    "dms_lora_alpha": ("lora_alpha", 16.0),
+    "dms_lora_targets": ("lora_targets", None),
 }
+
+# the projections a LoRA retrofit may update (dms_lora_targets), in their order in a layer
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(slots=True)
@@ -37,6 +43,10 @@ class DMSConfig:
     sink_tokens: the first ``n`` keys of every sequence are never evicted (their decisions forced
         to keep; ``dms_kernels.reference.sink_mask``). 0, plain DMS, is the default and what
         released checkpoints assume; an extension of the semantics document.
+    lora_rank / lora_alpha / lora_targets: a low-rank update ``(alpha / rank) * B A`` of the named
+        base projections (:data:`LORA_TARGETS`; default all), trained with the adapter and applied
+        only while eviction is on, so ``disable_eviction`` is exactly the base model
+        (``models/lora.py``). Rank 0, the default, is none. Ours, like ``sink_tokens``.
     """
 
     window_size: int = 256
@@ -48,6 +58,9 @@ class DMSConfig:
     tau: float = 0.1
     disable_eviction: bool = False
     sink_tokens: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None  # None: all of LORA_TARGETS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,6 +79,16 @@ class DMSConfig:
         self.tau = V.number("dms_tau", self.tau, 0, lo_open=True)
         V.boolean("dms_disable_eviction", self.disable_eviction)
         self.sink_tokens = V.integer("dms_sink_tokens", self.sink_tokens, 0, V.MAX_WINDOW)
+        self.lora_rank = V.integer("dms_lora_rank", self.lora_rank, 0, 4096)
+        self.lora_alpha = V.number("dms_lora_alpha", self.lora_alpha, 0, lo_open=True)
+        targets = LORA_TARGETS if self.lora_targets is None else self.lora_targets
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+            raise V.SettingTypeError(f"dms_lora_targets: expected a list of projection names from {list(LORA_TARGETS)}, "
+                                     f"got {targets!r}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"dms_lora_targets: expected distinct names from {list(LORA_TARGETS)}, got {list(targets)}")
+        self.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
         if not isinstance(self.extra, dict):
             raise V.SettingTypeError(f"extra: expected a dict of unknown dms_* keys, got {type(self.extra).__name__}")
 
@@ -103,7 +126,10 @@ class DMSConfig:
             raise V.UserError(f"{where}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        out = {hf: getattr(self, ours) for hf, (ours, _) in DMS_KEYS.items()}
+        out = {hf: getattr(self, ours) for hf, (ours, _) in DMS_KEYS.items()
+               if self.lora_rank or not hf.startswith("dms_lora_")}  # a model without LoRA: the keys as before
+        if self.lora_rank:
+            out["dms_lora_targets"] = list(self.lora_targets)
         out.update(self.extra)
         return out
 

@@ -34,6 +34,29 @@ def test_retrofit_cli_saves_resumes_and_loads(tiny_with_tokenizer, tmp_path, cap
     assert len(res.token_ids[0]) == 4
 
 
+def test_retrofit_cli_lora(tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "lora"
+    common = ["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(out), "--cr", "2", "--steps-per-cr", "2",
+              "--window", "4", "--seq-len", "32", "--batch", "1", "--data", "synthetic", "--warmup", "1",
+              "--lora-rank", "2", "--lora-alpha", "4", "--lora-targets", "v_proj", "up_proj", "--lora-lr", "0.01"]
+    assert main(common + ["--steps", "2"]) == 0
+    settings = json.loads((out / "dms_config.json").read_text())
+    assert (settings["dms_lora_rank"], settings["dms_lora_alpha"], settings["dms_lora_targets"]) == (2, 4.0, ["v_proj", "up_proj"])
+    weights = load_file(str(out / "dms_weights.safetensors"))
+    assert weights["model.layers.1.mlp.up_proj.dms_lora_b"].abs().sum() > 0  # trained from zero
+    lm = dr.load(out)
+    assert lm.config.dms.lora_rank == 2
+    torch.testing.assert_close(lm.model.model.layers[1].mlp.up_proj.dms_lora_b,
+                               weights["model.layers.1.mlp.up_proj.dms_lora_b"])
+    capsys.readouterr()
+    assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(tmp_path / "bad"), "--lora-rank", "2",
+                 "--lora-targets", "w_proj", "--steps", "1"]) == 2
+    assert "dms_lora_targets: expected distinct names" in capsys.readouterr().err
+    assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(tmp_path / "bad2"), "--lora-targets", "q_proj",
+                 "--steps", "1"]) == 2
+    assert "--lora-targets: give --lora-rank too" in capsys.readouterr().err
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ from dms_kernels import reference as ref
 
 from ..config import ModelConfig
 from .layers import RMSNorm, apply_rotary
+from .lora import projection
 
 
 class AttentionBackend(Protocol):
@@ -43,10 +44,10 @@ class DMSAttention(nn.Module):
         self.cfg = cfg
         self.layer = layer
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
+        self.q_proj = projection(cfg, layer, "q_proj", h, cfg.num_heads * d, cfg.attention_bias)
+        self.k_proj = projection(cfg, layer, "k_proj", h, cfg.num_kv_heads * d, cfg.attention_bias)
+        self.v_proj = projection(cfg, layer, "v_proj", h, cfg.num_kv_heads * d, cfg.attention_bias)
+        self.o_proj = projection(cfg, layer, "o_proj", cfg.num_heads * d, h, cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)

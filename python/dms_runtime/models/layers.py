@@ -9,6 +9,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .lora import projection
 
 
 class RMSNorm(nn.Module):
@@ -25,11 +26,12 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = projection(cfg, layer, "gate_proj", h, i, cfg.mlp_bias)
+        self.up_proj = projection(cfg, layer, "up_proj", h, i, cfg.mlp_bias)
+        self.down_proj = projection(cfg, layer, "down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,6 +13,7 @@ from ..config import DMSConfig, ModelConfig
 from ..validation import UserError
 from .decoder import DecoderLM
 from .layers import rope_inv_freq
+from .lora import is_lora_parameter
 from .registry import model_config_from_hf
 
 _IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
@@ -159,16 +160,24 @@ def _materialise_rest(model: DecoderLM, cfg: ModelConfig, state, dtype, device) 
     """Tie embeddings, initialise DMS adapters absent from the checkpoint, rebuild buffers."""
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    missing = []
+    missing, fresh_lora = [], {}
     for name, p in list(model.named_parameters()):
         if not p.is_meta:
             continue
+        module_name, _, attr = name.rpartition(".")
         if ".dms_proj_alpha" in name:
             init = torch.ones if name.endswith("dms_proj_alpha_norm.weight") else torch.zeros
-            module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(init(p.shape, dtype=dtype, device=device)))
+        elif is_lora_parameter(name):  # a LoRA update the checkpoint lacks: a fresh one (B A = 0)
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device)))
+            fresh_lora.setdefault(module_name, []).append(name)
         else:
             missing.append(name)
+    for module_name, names in fresh_lora.items():
+        if len(names) == 2:
+            model.get_submodule(module_name).reset_lora()
+        else:  # half an update: A without B or B without A
+            missing += names
     if missing:
         raise ValueError(f"model_path: weights missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.model.rotary_emb.inv_freq = rope_inv_freq(cfg).to(device)

@@ -72,6 +72,9 @@ def check_divisible(cfg: ModelConfig, n: int, where: str = "model") -> None:
     if cfg.dms_active and cfg.dms.alpha_per == "layer" and n > 1:
         problems.append("dms_alpha_per='layer' (KV head 0 decides for every head, which would need its logits on "
                         "every rank) is not supported")
+    if cfg.dms is not None and cfg.dms.lora_rank and n > 1:
+        problems.append(f"dms_lora_rank={cfg.dms.lora_rank} (a LoRA retrofit's low-rank updates are not split across "
+                        f"ranks) is not supported; run it on one device")
     if problems:
         raise ValueError(f"tensor_parallel={n}: cannot split {where}: " + "; ".join(problems))
 

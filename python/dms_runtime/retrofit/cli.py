@@ -53,6 +53,16 @@ def add_parser(sub) -> None:
     p.add_argument("--sinks", type=cli_int(0, MAX_WINDOW), default=0, metavar="N",
                    help="the first N keys of every sequence are never evicted, in training and in the "
                         "retrofit's dms_config.json (dms_sink_tokens; 0: plain DMS)")
+    p.add_argument("--lora-rank", type=cli_int(0, 4096), default=0, metavar="R",
+                   help="also train a rank-R update of the base projections (dms_lora_rank), applied only while "
+                        "eviction is on, so the teacher and the eval's vanilla stay the base; saved with the adapter "
+                        "(0: the adapter alone)")
+    p.add_argument("--lora-alpha", type=cli_float(0, lo_open=True), default=16.0,
+                   help="the update is scaled by alpha / R (dms_lora_alpha)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="PROJ",
+                   help="the projections updated (default all: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+    p.add_argument("--lora-lr", type=cli_float(0, lo_open=True), default=1e-4,
+                   help="AdamW learning rate of the LoRA update (warmed up with --warmup)")
     p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
     p.add_argument("--trainable", choices=["dms", "all"], default="dms")
     p.add_argument("--lr", type=cli_float(0, lo_open=True), default=3e-5,
@@ -322,13 +332,17 @@ def run(args) -> int:
     device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     dms = {"dms_window_size": args.window, "dms_separate_alpha": args.variant == "adapter", "dms_tau": args.tau,
            "dms_cr": args.cr, "dms_sink_tokens": args.sinks}
+    if args.lora_rank:
+        dms.update(dms_lora_rank=args.lora_rank, dms_lora_alpha=args.lora_alpha, dms_lora_targets=args.lora_targets)
+    elif args.lora_targets is not None:
+        raise UserError("--lora-targets: give --lora-rank too (the targets of a rank-0 update are none)")
     lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms)
     if lm.tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
     cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, initial_cr=args.cr_start,
                          init_from=args.init_from, window=args.window, tau=args.tau, lr=args.lr,
                          warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
-                         autocast_bf16=args.autocast_bf16, warm_start=args.warm_start)
+                         autocast_bf16=args.autocast_bf16, warm_start=args.warm_start, lora_lr=args.lora_lr)
     out.mkdir(parents=True, exist_ok=True)
     cache = None
     if args.teacher_cache is not None:

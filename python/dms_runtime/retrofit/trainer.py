@@ -15,6 +15,7 @@ from ..models.full_sequence import FullSequenceAttention
 from ..models.decoder import DecoderLM
 from .. import validation as V
 from ..models.loading import load_named_weights, open_safetensors, read_json, read_tensor
+from ..models.lora import is_lora_parameter
 from .training_backend import TrainingAttention, eviction_off
 from .losses import compression_target, distillation_kl, topk_kl
 
@@ -38,6 +39,7 @@ class RetrofitConfig:
     autocast_bf16: bool = False  # bf16 autocast of the forward passes (fp32 master weights)
     init_from: str | None = None  # a retrofit folder or shipped retrofit's name: its DMS weights start this run
     warm_start: int = 0  # sequences the adapter was fitted from before the first step (warm_start.py)
+    lora_lr: float = 1e-4  # the learning rate of the LoRA updates (dms_lora_rank > 0), warmed up like lr
 
     def __post_init__(self):
         self.final_cr = V.number("final_cr", self.final_cr, 1)
@@ -46,6 +48,7 @@ class RetrofitConfig:
         self.window = V.integer("window", self.window, 1, V.MAX_WINDOW)
         self.tau = V.number("tau", self.tau, 0, lo_open=True)
         self.lr = V.number("lr", self.lr, 0, lo_open=True)
+        self.lora_lr = V.number("lora_lr", self.lora_lr, 0, lo_open=True)
         self.weight_decay = V.number("weight_decay", self.weight_decay, 0)
         self.warmup_steps = V.integer("warmup_steps", self.warmup_steps, 0)
         self.clip = V.number("clip", self.clip, 0, lo_open=True)
@@ -62,7 +65,8 @@ class RetrofitConfig:
 
 
 def dms_parameter_names(model: DecoderLM) -> list[str]:
-    return [n for n, _ in model.named_parameters() if ".dms_proj_alpha" in n]
+    """What ``trainable="dms"`` trains: the eviction adapter and, in a LoRA retrofit, the low-rank updates."""
+    return [n for n, _ in model.named_parameters() if ".dms_proj_alpha" in n or is_lora_parameter(n)]
 
 
 class Retrofitter:
@@ -89,12 +93,17 @@ class Retrofitter:
                                         f"or a shipped retrofit's name)")
             load_named_weights(model, init, what="init_from")
         names = set(dms_parameter_names(model)) if config.trainable == "dms" else None
-        self.params = []
+        self.params, lora = [], []
         for n, p in model.named_parameters():
             p.requires_grad_(names is None or n in names)
             if p.requires_grad:
-                self.params.append(p)
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+                (lora if is_lora_parameter(n) else self.params).append(p)
+        # two groups when there are LoRA updates: [everything else at lr, the updates at lora_lr]
+        groups = [{"params": self.params, "base_lr": config.lr}]
+        if lora:
+            groups.append({"params": lora, "base_lr": config.lora_lr})
+            self.params = self.params + lora
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         # data parallel when a process group is up (torchrun): gradients are averaged over ranks
         self.rank, self.world = 0, 1
         self.student = model
@@ -107,9 +116,11 @@ class Retrofitter:
         self.step_count = 0
         self.log_path = Path(log_path) if log_path else None
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, base: float | None = None) -> float:
+        """The learning rate at ``step``: ``base`` (default ``lr``) after a linear warm-up."""
+        base = self.config.lr if base is None else base
         warm = self.config.warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
+        return base * min(1.0, (step + 1) / warm) if warm else base
 
     def step(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> dict:
         t0 = time.perf_counter()
@@ -139,7 +150,7 @@ class Retrofitter:
         comp = torch.relu(target - frac).mean()
         loss = kl + comp
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step_count)
+            g["lr"] = self.lr_at(self.step_count, g["base_lr"])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
@@ -218,7 +229,10 @@ class Retrofitter:
         if generator is None or generator.dtype != torch.uint8:
             raise V.UserError(f"{folder / STATE_TENSORS}: no uint8 'generator' tensor (the RNG state)")
         load_named_weights(self.model, folder / WEIGHTS, what="folder")
+        bases = [g["base_lr"] for g in self.opt.param_groups]
         self.opt.load_state_dict(opt_state)
+        for g, base in zip(self.opt.param_groups, bases):  # this run's rates (states saved before base_lr lack it)
+            g["base_lr"] = base
         try:
             self.generator.set_state(generator)
         except RuntimeError as e:
