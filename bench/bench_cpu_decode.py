@@ -13,6 +13,8 @@ transformers of the same run.
     python bench/bench_cpu_decode.py --lengths 1024,4096,8192 --batch 1,8 --decode-tokens 64 \\
         --json bench/results/cpu-decode.json --render bench/results/cpu-decode.md
     python bench/bench_cpu_decode.py --lengths 1024 --batch 1 --decode-tokens 8   # smoke run
+    python bench/bench_cpu_decode.py --lengths 1024 --batch 1 --systems dms-cr8,lora,transformers \
+        --model lora=bench/runs/cr8-lora16     # any model or retrofit folder as one more system of ours
 """
 
 from __future__ import annotations
@@ -125,13 +127,20 @@ def main():
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", action="append", default=[], metavar="LABEL=MODEL",
+                    help="one more system of ours: a model name or folder (a retrofit folder too), named LABEL")
     ap.add_argument("--json", type=Path, help="write the record here")
     ap.add_argument("--render", type=Path, help="write the markdown table here")
     args = ap.parse_args()
+    for spec in args.model:
+        label, sep, model = spec.partition("=")
+        if not sep or not label or not model or label in SYSTEMS:
+            raise SystemExit(f"--model: expected LABEL=MODEL with a new label, got {spec!r}")
+        OURS[label] = model
     systems = args.systems.split(",")
     for s in systems:
-        if s not in SYSTEMS:
-            raise SystemExit(f"--systems: unknown {s!r}; expected some of {', '.join(SYSTEMS)}")
+        if s not in (*SYSTEMS, *OURS):
+            raise SystemExit(f"--systems: unknown {s!r}; expected some of {', '.join((*SYSTEMS, *OURS))}")
     if "transformers" not in systems:
         raise SystemExit("--systems: the ratios need 'transformers'")
     torch.set_num_threads(args.threads)
@@ -164,7 +173,8 @@ def main():
               "command": "python bench/bench_cpu_decode.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in (("lengths", args.lengths), ("batch", args.batch),
                                                                ("decode_tokens", args.decode_tokens),
-                                                               ("threads", args.threads))),
+                                                               ("threads", args.threads), ("systems", args.systems)))
+              + "".join(f" --model {m}" for m in args.model),
               "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
               "threads": args.threads, "torch": torch.__version__, "commit": commit,
               "decode_tokens": args.decode_tokens, "rows": rows}
