@@ -15,6 +15,8 @@ transformers of the same run.
     python bench/bench_cpu_decode.py --lengths 1024 --batch 1 --decode-tokens 8   # smoke run
     python bench/bench_cpu_decode.py --lengths 1024 --batch 1 --systems dms-cr8,lora,transformers \
         --model lora=bench/runs/cr8-lora16     # any model or retrofit folder as one more system of ours
+    python bench/bench_cpu_decode.py --lengths 1024 --batch 1 --systems lora,lora-apart,transformers \
+        --model lora=R --model lora-apart=R --lora-apart lora-apart   # a LoRA update merged vs kept apart
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from pathlib import Path
 import torch
 
 import dms_runtime as dr
+from dms_runtime.models.lora import has_merged_lora, is_lora_parameter
 from dms_runtime.paged import PagedConfig
 
 OURS = {"dms-cr8": "smollm2-135m-instruct-dms-cr8", "dms-cr4": "smollm2-135m-instruct-dms-cr4",
         "vanilla": "smollm2-135m-instruct"}
 SYSTEMS = (*OURS, "transformers")
+APART: set[str] = set()  # systems loaded with merge_lora=False (--lora-apart)
 
 
 def prompts_for(length: int, batch: int, vocab: int, seed: int) -> list[list[int]]:
@@ -44,9 +48,13 @@ def prompts_for(length: int, batch: int, vocab: int, seed: int) -> list[list[int
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters a decode step reads (tied weights counted once)."""
+    """Bytes of the parameters a decode step reads (tied weights counted once; a merged LoRA
+    update's factors are not read)."""
+    merged = has_merged_lora(model)
     seen, total = set(), 0
-    for p in model.parameters():
+    for n, p in model.named_parameters():
+        if merged and is_lora_parameter(n):
+            continue
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
@@ -54,7 +62,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def run_ours(name: str, prompts, decode_tokens: int, chunk: int) -> dict:
-    lm = dr.load(OURS[name])
+    lm = dr.load(OURS[name], merge_lora=name not in APART)
     cfg = PagedConfig(max_seqs=len(prompts), prefill_chunk=chunk)
     t0 = time.perf_counter()
     res = dr.generate(lm, prompts, max_new_tokens=decode_tokens + 1, ignore_eos=True, paged=cfg)
@@ -129,6 +137,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", action="append", default=[], metavar="LABEL=MODEL",
                     help="one more system of ours: a model name or folder (a retrofit folder too), named LABEL")
+    ap.add_argument("--lora-apart", nargs="+", default=[], metavar="LABEL",
+                    help="load these --model systems with the LoRA update kept apart (merge_lora=False)")
     ap.add_argument("--json", type=Path, help="write the record here")
     ap.add_argument("--render", type=Path, help="write the markdown table here")
     args = ap.parse_args()
@@ -137,6 +147,10 @@ def main():
         if not sep or not label or not model or label in SYSTEMS:
             raise SystemExit(f"--model: expected LABEL=MODEL with a new label, got {spec!r}")
         OURS[label] = model
+    for label in args.lora_apart:
+        if label not in OURS or label in SYSTEMS:
+            raise SystemExit(f"--lora-apart: expected a label given with --model, got {label!r}")
+        APART.add(label)
     systems = args.systems.split(",")
     for s in systems:
         if s not in (*SYSTEMS, *OURS):
@@ -174,7 +188,8 @@ def main():
                   f"--{k.replace('_', '-')} {v}" for k, v in (("lengths", args.lengths), ("batch", args.batch),
                                                                ("decode_tokens", args.decode_tokens),
                                                                ("threads", args.threads), ("systems", args.systems)))
-              + "".join(f" --model {m}" for m in args.model),
+              + "".join(f" --model {m}" for m in args.model)
+              + (f" --lora-apart {' '.join(args.lora_apart)}" if args.lora_apart else ""),
               "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
               "threads": args.threads, "torch": torch.__version__, "commit": commit,
               "decode_tokens": args.decode_tokens, "rows": rows}

@@ -13,6 +13,7 @@ from .hub import EmbeddedModel, resolve, shipped_retrofit
 from .models.decoder import DecoderLM
 from . import validation as V
 from .models.loading import load_model, load_named_weights, read_json
+from .models.lora import merge_lora as merge_lora_updates
 from .outputs import RequestOutput
 from .paged.cache import PagedConfig
 from .engine.generate import generate_paged
@@ -82,6 +83,7 @@ def load(
     device: str | torch.device | None = "cpu",
     dms: DMSConfig | dict[str, Any] | None = None,
     tensor_parallel: int = 1,
+    merge_lora: bool = True,
 ) -> LoadedModel:
     """Load a model by embedded name (``"smollm2-135m-instruct"``, or its shipped DMS retrofits
     ``"smollm2-135m-instruct-dms-cr2"`` / ``"-cr4"`` / ``"-cr8"``), local folder, retrofit folder or ``.gguf`` file.
@@ -92,12 +94,19 @@ def load(
     ``tensor_parallel=N`` (N processes, e.g. ``torchrun --nproc_per_node N``): each rank reads only
     its shard (KV heads ``Hkv/N`` with their query groups, ``1/N`` of the MLP); see
     :mod:`dms_runtime.parallel`.
+
+    ``merge_lora`` (a LoRA retrofit, ``dms_lora_rank > 0``): fold the low-rank update into the base
+    weights so that a projection is one matmul while eviction is on (the default, for inference).
+    Eviction off then subtracts the update back, which equals the base up to the merge's rounding;
+    ``merge_lora=False`` keeps the update apart (exact base; needed to train or to load more weights).
     """
     if not isinstance(name_or_path, (str, Path)):
         raise V.SettingTypeError(f"name_or_path: expected a model name, folder or .gguf path, got {name_or_path!r}")
     _dtype(dtype), _device(device)  # fail on bad settings before anything is read or converted
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel: expected an int >= 1, got {tensor_parallel!r}")
+    if not isinstance(merge_lora, bool):
+        raise V.SettingTypeError(f"merge_lora: expected True or False, got {merge_lora!r}")
     tp = None
     if tensor_parallel > 1:
         from .parallel import init_tensor_parallel
@@ -106,15 +115,19 @@ def load(
         device = tp.device
     shipped = shipped_retrofit(str(name_or_path))
     if shipped is not None:
-        lm = _load_adapter(shipped, dtype=dtype, device=device, dms=dms, tensor_parallel=tensor_parallel)
+        lm = _load_adapter(shipped, dtype=dtype, device=device, dms=dms, tensor_parallel=tensor_parallel,
+                           merge_lora=merge_lora)
         lm.name = str(name_or_path)
         return lm
     adapter = Path(str(name_or_path)).expanduser()
     if (adapter / "dms_config.json").is_file() and not (adapter / "config.json").is_file():
-        return _load_adapter(adapter, dtype=dtype, device=device, dms=dms, tensor_parallel=tensor_parallel)
+        return _load_adapter(adapter, dtype=dtype, device=device, dms=dms, tensor_parallel=tensor_parallel,
+                             merge_lora=merge_lora)
     if tp is None:
         path, embedded = resolve(str(name_or_path))
         model, _ = load_model(path, dtype=_dtype(dtype), device=_device(device), dms=dms)
+        if merge_lora:
+            merge_lora_updates(model)
     else:
         from .parallel import load_model_sharded, rank_zero_first
 
@@ -133,7 +146,7 @@ def load(
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), path=path, embedded=embedded)
 
 
-def _load_adapter(folder: Path, *, dtype, device, dms, tensor_parallel: int = 1) -> LoadedModel:
+def _load_adapter(folder: Path, *, dtype, device, dms, tensor_parallel: int = 1, merge_lora: bool = True) -> LoadedModel:
     """A retrofit saved as DMS weights + settings on top of a base model named in dms_config.json."""
 
     raw = read_json(folder / "dms_config.json")
@@ -145,13 +158,15 @@ def _load_adapter(folder: Path, *, dtype, device, dms, tensor_parallel: int = 1)
     if dms is not None and not isinstance(dms, dict):
         raise ValueError("dms: give a dict of dms_* keys to override a retrofit's settings")
     settings.update(dms or {})
-    lm = load(base, dtype=dtype, device=device, dms=settings, tensor_parallel=tensor_parallel)
+    lm = load(base, dtype=dtype, device=device, dms=settings, tensor_parallel=tensor_parallel, merge_lora=False)
     if tensor_parallel > 1:
         from .parallel import load_named_weights_sharded
 
         load_named_weights_sharded(lm.model, folder / "dms_weights.safetensors", what="model")
     else:
         load_named_weights(lm.model, folder / "dms_weights.safetensors", what="model")
+        if merge_lora:
+            merge_lora_updates(lm.model)
     lm.name, lm.path = str(folder), folder
     return lm
 

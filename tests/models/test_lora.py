@@ -12,7 +12,7 @@ import dms_runtime as dr
 from dms_runtime.config import LORA_TARGETS, DMSConfig
 from dms_runtime.models import load_model
 from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.models.lora import LoRALinear
+from dms_runtime.models.lora import LoRALinear, has_merged_lora, merge_lora, unmerge_lora
 from dms_runtime.retrofit import RetrofitConfig, Retrofitter
 
 ADAPTER = {"dms_window_size": 2, "dms_separate_alpha": True, "dms_initial_alpha_offset": 0.0}
@@ -151,7 +151,7 @@ def test_training_updates_lora_and_adapter_keeps_base_and_loads_back(folder, tmp
 
 @pytest.mark.parametrize("backend", ["paged", "oracle"])
 def test_generate_equals_the_full_sequence_forward_with_an_update(folder, backend):
-    lm = dr.load(folder, dms={"dms_lora_rank": 3})
+    lm = dr.load(folder, dms={"dms_lora_rank": 3}, merge_lora=False)
     randomise(lm.model, 0.2)
     ps = [torch.randint(0, 131, (n,)).tolist() for n in (1, 7, 19)]
     res = dr.generate(lm, ps, max_new_tokens=9, ignore_eos=True, backend=backend)
@@ -161,3 +161,50 @@ def test_generate_equals_the_full_sequence_forward_with_an_update(folder, backen
         seq = p + out.token_ids[:-1]
         full = logits_of(lm.model, torch.tensor([seq]))[0]
         assert full[len(p) - 1:].argmax(-1).tolist() == out.token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merged_projection_is_one_matmul_and_the_base_comes_back(folder, dtype):
+    model, _ = load_model(folder, dms={"dms_lora_rank": 3, "dms_lora_alpha": 6.0}, dtype=dtype)
+    randomise(model)
+    proj = model.model.layers[0].self_attn.k_proj
+    base = proj.weight.detach().clone()
+    x = torch.randn(3, proj.in_features, dtype=dtype)
+    apart = proj(x)
+    assert merge_lora(model) == len(LORA_TARGETS) * 2 and proj.merged and has_merged_lora(model)
+    assert merge_lora(model) == 0  # merging twice adds nothing
+    want = (base.float() + 2.0 * proj.dms_lora_b.float() @ proj.dms_lora_a.float()).to(dtype)
+    assert torch.equal(proj.weight, want)  # W + scaling B A, rounded once to the weight's dtype
+    assert torch.equal(proj(x), F.linear(x, want, proj.bias))  # eviction on: the merged weight only
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(proj(x), apart, **tol)
+    model.config.dms.disable_eviction = True  # eviction off: the base, up to the merge's rounding
+    torch.testing.assert_close(proj(x), F.linear(x, base, proj.bias), **tol)
+    assert "merged" in repr(proj)
+    assert unmerge_lora(model) == len(LORA_TARGETS) * 2 and not has_merged_lora(model)
+    torch.testing.assert_close(proj.weight, base, **tol)
+    if dtype == torch.float32:
+        assert not torch.equal(proj.weight, want)
+
+
+def test_load_merges_a_lora_retrofit_and_generates_as_the_update_kept_apart(folder, tmp_path):
+    apart = dr.load(folder, dms={"dms_lora_rank": 3}, merge_lora=False)
+    randomise(apart.model, 0.2)
+    cfg = RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=1e-9, lora_lr=1e-9, warmup_steps=0)
+    out = Retrofitter(apart.model, cfg, base_model=str(folder)).save(tmp_path / "run")
+    merged = dr.load(out)  # the default: merged for inference
+    assert has_merged_lora(merged.model) and not has_merged_lora(dr.load(out, merge_lora=False).model)
+    ids = torch.randint(0, 131, (2, 17))
+    torch.testing.assert_close(logits_of(merged.model, ids), logits_of(apart.model, ids), rtol=1e-4, atol=1e-4)
+    ps = [torch.randint(0, 131, (n,)).tolist() for n in (1, 6, 23)]
+    kw = dict(max_new_tokens=8, ignore_eos=True)
+    assert dr.generate(merged, ps, **kw).token_ids == dr.generate(apart, ps, **kw).token_ids
+    # weights loaded into, or a retrofit of, a merged model would leave the old update in the base
+    from dms_runtime.models.loading import load_named_weights
+
+    with pytest.raises(ValueError, match="merge_lora=False"):
+        load_named_weights(merged.model, out / "dms_weights.safetensors")
+    with pytest.raises(ValueError, match="merge_lora=False"):
+        Retrofitter(merged.model, cfg)
+    with pytest.raises(TypeError, match="merge_lora: expected True or False"):
+        dr.load(out, merge_lora="yes")

@@ -7,6 +7,12 @@ and saved with it (``dms_weights.safetensors``), while the base weights keep the
 stay frozen. The update is gated on ``ModelConfig.dms_active``: with eviction off
 (``dms_disable_eviction``, the distillation teacher, the eval's vanilla reference) the model is
 exactly the base. ``B`` starts at zero, so a fresh update changes nothing.
+
+For inference the update can be merged into the base weight (:func:`merge_lora`, done by
+``dms_runtime.load`` unless ``merge_lora=False``): a projection is then one matmul, as in a model
+without LoRA. A merged projection computes the base (eviction off) as ``W' x - (alpha / r) B A x``,
+equal to the base up to the rounding of ``W' = W + (alpha / r) B A`` in the weight's dtype; training
+and the teacher-forced eval keep the update apart (exact).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class LoRALinear(nn.Linear):
         self.cfg = cfg
         self.scaling = dms.lora_alpha / dms.lora_rank
         self.lora_seed = seed
+        self.merged = False  # True: ``weight`` holds W + scaling * B A (merge_lora)
         self.dms_lora_a = nn.Parameter(torch.empty(dms.lora_rank, in_features))
         self.dms_lora_b = nn.Parameter(torch.empty(out_features, dms.lora_rank))
         if not self.dms_lora_a.is_meta:
@@ -45,14 +52,37 @@ class LoRALinear(nn.Linear):
         a.copy_(((torch.rand(a.shape, generator=g) * 2 - 1) * bound).to(a.dtype))
         self.dms_lora_b.zero_()
 
+    def delta(self) -> torch.Tensor:
+        """The update ``scaling * B A`` as a float32 matrix of the weight's shape."""
+        return (self.dms_lora_b.detach().float() @ self.dms_lora_a.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight`` (rounded once to its dtype); the update's factors stay, so
+        the base path (eviction off) and :meth:`unmerge` still have them."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of ``weight`` (the base up to the merge's rounding)."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
+            self.merged = False
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.dms_lora_a), self.dms_lora_b) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.cfg.dms_active:
-            y = y + F.linear(F.linear(x, self.dms_lora_a), self.dms_lora_b) * self.scaling
-        return y
+        if self.merged:  # weight = W + update: the base needs it taken out
+            return y if self.cfg.dms_active else y - self._update(x)
+        return y + self._update(x) if self.cfg.dms_active else y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lora_rank={self.dms_lora_a.shape[0]}, scaling={self.scaling:g}"
+        return (f"{super().extra_repr()}, lora_rank={self.dms_lora_a.shape[0]}, scaling={self.scaling:g}"
+                f"{', merged' if self.merged else ''}")
 
 
 def projection(cfg: ModelConfig, layer: int, name: str, in_features: int, out_features: int,
@@ -69,3 +99,28 @@ def projection(cfg: ModelConfig, layer: int, name: str, in_features: int, out_fe
 
 def is_lora_parameter(name: str) -> bool:
     return name.endswith((".dms_lora_a", ".dms_lora_b"))
+
+
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merge every LoRA update of ``model`` into its base weight (inference: one matmul per
+    projection while eviction is on); returns how many projections it merged."""
+    mods = [m for m in lora_modules(model) if not m.merged]
+    for m in mods:
+        m.merge()
+    return len(mods)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora`; returns how many projections it unmerged."""
+    mods = [m for m in lora_modules(model) if m.merged]
+    for m in mods:
+        m.unmerge()
+    return len(mods)
+
+
+def has_merged_lora(model: nn.Module) -> bool:
+    return any(m.merged for m in lora_modules(model))

@@ -207,8 +207,9 @@ def run_eval(args) -> int:
              if args.retrieval else None)
     fid_rows, method_rows, ret_rows = [], [], []
     vanilla = {}  # (base, length) -> eviction-off logits of the held-out texts, shared by models on one base
-    models = [(model_label(name, args.dms_window, args.dms_sinks, args.dms_offset), dr.load(name, dms=dms_overrides(args) or None))
-              for name in args.model]
+    # a LoRA retrofit's update kept apart: its eviction-off logits are then exactly the base's
+    models = [(model_label(name, args.dms_window, args.dms_sinks, args.dms_offset),
+               dr.load(name, dms=dms_overrides(args) or None, merge_lora=False)) for name in args.model]
     for n in args.lengths:
         for index, (label, lm) in enumerate(models):
             if args.calibrate:
@@ -336,7 +337,7 @@ def run(args) -> int:
         dms.update(dms_lora_rank=args.lora_rank, dms_lora_alpha=args.lora_alpha, dms_lora_targets=args.lora_targets)
     elif args.lora_targets is not None:
         raise UserError("--lora-targets: give --lora-rank too (the targets of a rank-0 update are none)")
-    lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms)
+    lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms, merge_lora=False)
     if lm.tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
     cfg = RetrofitConfig(final_cr=args.cr, steps_per_cr=args.steps_per_cr, initial_cr=args.cr_start,
