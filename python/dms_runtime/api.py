@@ -134,6 +134,8 @@ def load(
         with rank_zero_first(tp):  # one rank converts an embedded GGUF file into the cache
             path, embedded = resolve(str(name_or_path))
         model = load_model_sharded(path, tp, dtype=_dtype(dtype), device=device, dms=dms)
+        if merge_lora:
+            merge_lora_updates(model)
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
@@ -165,8 +167,8 @@ def _load_adapter(folder: Path, *, dtype, device, dms, tensor_parallel: int = 1,
         load_named_weights_sharded(lm.model, folder / "dms_weights.safetensors", what="model")
     else:
         load_named_weights(lm.model, folder / "dms_weights.safetensors", what="model")
-        if merge_lora:
-            merge_lora_updates(lm.model)
+    if merge_lora:
+        merge_lora_updates(lm.model)  # a rank merges its own slice of the update
     lm.name, lm.path = str(folder), folder
     return lm
 

@@ -93,13 +93,30 @@ def test_bad_settings_are_named(change, message):
         DMSConfig(**change)
 
 
-def test_tensor_parallel_refuses_a_lora_model(folder):
-    from dms_runtime.parallel.shard import check_divisible
+def test_tensor_parallel_splits_the_update_so_each_rank_merges_its_slice(folder):
+    """A rank's slice of ``B A`` is its rows of ``B`` times ``A`` (q/k/v/gate/up) or ``B`` times its
+    columns of ``A`` (o/down): the shard rules give exactly the weight's slice of the full update."""
+    from dms_runtime.parallel.shard import check_divisible, shard_rule
 
     model, _ = load_model(folder, dms={"dms_lora_rank": 2})
-    with pytest.raises(ValueError, match="dms_lora_rank=2 .* run it on one device"):
-        check_divisible(model.config, 2)
-    check_divisible(model.config, 1)
+    randomise(model)
+    check_divisible(model.config, 2)  # a LoRA model splits
+    n = 2
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoRALinear):
+            continue
+        full = mod.delta()
+        for rank in range(n):
+            def part(t, kind):
+                rule = shard_rule(f"{name}.{kind}", model.config, n, rank)
+                if rule is None:
+                    return t
+                dim, a, b = rule
+                return t[a:b] if dim == 0 else t[:, a:b]
+            w = part(mod.weight, "weight")
+            local = part(mod.dms_lora_b, "dms_lora_b").float() @ part(mod.dms_lora_a, "dms_lora_a").float()
+            assert local.shape == w.shape and w.shape != full.shape, name
+            torch.testing.assert_close(local * mod.scaling, part(full, "weight"))
 
 
 def test_half_an_update_in_a_checkpoint_is_an_error(folder, tmp_path):

@@ -53,6 +53,25 @@ def _with_adapter(folder: Path, cfg: dict) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def _lora_copy(folder: Path, dest: Path) -> Path:
+    """``folder`` plus a random rank-2 LoRA update of every projection (config and weights)."""
+    import shutil
+
+    shutil.copytree(folder, dest, dirs_exist_ok=True)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(dms_lora_rank=2, dms_lora_alpha=4.0)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    state = load_file(str(dest / "model.safetensors"))
+    g = torch.Generator().manual_seed(4)
+    for name in [n for n in state if n.endswith("_proj.weight") and "dms_proj_alpha" not in n]:
+        out, inp = state[name].shape
+        pre = name[: -len("weight")]
+        state[pre + "dms_lora_a"] = torch.randn(2, inp, generator=g) / inp ** 0.5
+        state[pre + "dms_lora_b"] = 0.3 * torch.randn(out, 2, generator=g)
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
 CASES = [("llama", False), ("llama", True), ("qwen3", False), ("qwen3", True), ("qwen2", False)]
 ALL = ("chunks_decode", "forks", "preemption")
 SCENARIOS = {"qwen2-borrowed": ("chunks_decode",), "llama-vanilla": ("chunks_decode",)}  # q/k/v biases; 1/N exactly
@@ -70,6 +89,9 @@ def tp2_results(tiny_factory, tmp_path_factory):
         name = f"{arch}-{'adapter' if adapter else 'borrowed'}"
         cases.append((name, str(folder), None, SCENARIOS.get(name, ALL)))
     cases.append(("llama-vanilla", cases[0][1], {"dms_disable_eviction": True}, SCENARIOS["llama-vanilla"]))
+    # a LoRA retrofit: each rank holds and merges its slice of the update (B by rows, A by columns)
+    lora = _lora_copy(Path(cases[1][1]), tmp_path_factory.mktemp("lora") / "llama-lora")
+    cases.append(("llama-lora", str(lora), None, ("chunks_decode",)))
     out = tmp_path_factory.mktemp("tp2")
     ctx = mp.start_processes(tp_worker.main, args=(2, _free_port(), cases, str(out), GENERATE), nprocs=2, join=False,
                              start_method="spawn")
@@ -88,7 +110,7 @@ NAMES = [f"{a}-{'adapter' if ad else 'borrowed'}" for a, ad in CASES]
 GENERATE = ("llama-borrowed", "qwen3-adapter")  # generate() called on every rank (the engine path is shared)
 
 
-TOKEN_CASES = [(n, s) for n in NAMES for s in SCENARIOS.get(n, ALL)]
+TOKEN_CASES = [(n, s) for n in NAMES for s in SCENARIOS.get(n, ALL)] + [("llama-lora", "chunks_decode")]
 PAGE_CASES = [(n, s) for n in NAMES + ["llama-vanilla"] for s in SCENARIOS.get(n, ALL) if s != "preemption"]
 
 
@@ -107,6 +129,13 @@ def test_tp2_same_tokens_and_live_counts(tp2_results, name, scenario):
         assert len(tp["tokens"]) == 6 and len({tuple(t) for t in tp["tokens"]}) > 2  # sampled, not all alike
     if scenario == "preemption":
         assert tp["preemptions"] > 0 and tp1["preemptions"] > 0
+
+
+def test_tp2_lora_update_is_split_and_merged(tp2_results):
+    """The LoRA case changes what is generated (its tokens differ from the same model without the
+    update), and TP 2 gives TP 1's tokens (test_tp2_same_tokens_and_live_counts)."""
+    res = tp2_results[0]
+    assert res["llama-lora"]["tp1"]["chunks_decode"]["tokens"] != res["llama-adapter"]["tp1"]["chunks_decode"]["tokens"]
 
 
 def test_an_older_engine_cannot_drive_the_followers(tp2_results):

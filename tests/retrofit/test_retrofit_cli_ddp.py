@@ -48,6 +48,12 @@ def test_retrofit_cli_lora(tiny_with_tokenizer, tmp_path, capsys):
     assert lm.config.dms.lora_rank == 2
     torch.testing.assert_close(lm.model.model.layers[1].mlp.up_proj.dms_lora_b,
                                weights["model.layers.1.mlp.up_proj.dms_lora_b"])
+    # --init-from a LoRA retrofit continues its update (rank, alpha, targets) without the flags
+    on = tmp_path / "continued"
+    assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(on), "--init-from", str(out), "--cr-start", "2",
+                 "--cr", "2", "--window", "4", "--seq-len", "32", "--batch", "1", "--data", "synthetic", "--steps", "1"]) == 0
+    again = json.loads((on / "dms_config.json").read_text())
+    assert (again["dms_lora_rank"], again["dms_lora_alpha"], again["dms_lora_targets"]) == (2, 4.0, ["v_proj", "up_proj"])
     capsys.readouterr()
     assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(tmp_path / "bad"), "--lora-rank", "2",
                  "--lora-targets", "w_proj", "--steps", "1"]) == 2

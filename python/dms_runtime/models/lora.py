@@ -74,11 +74,15 @@ class LoRALinear(nn.Linear):
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.dms_lora_a), self.dms_lora_b) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The projection with ``bias`` (None: a row-parallel rank's partial sum, biased after it)."""
+        y = F.linear(x, self.weight, bias)
         if self.merged:  # weight = W + update: the base needs it taken out
             return y if self.cfg.dms_active else y - self._update(x)
         return y + self._update(x) if self.cfg.dms_active else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lora_rank={self.dms_lora_a.shape[0]}, scaling={self.scaling:g}"

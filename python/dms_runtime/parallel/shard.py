@@ -14,12 +14,18 @@ Rank ``r`` of ``N`` owns KV heads ``[r * Hkv/N, (r + 1) * Hkv/N)`` and their que
 | down_proj.weight                     | [H, I]            | the same columns (row-parallel, one all-reduce) |
 | down_proj.bias                       | [H]               | all, added once after the all-reduce |
 | dms_proj_alpha.weight / .bias        | [Hkv, H]          | rows of its KV heads (the adapter's logits of its heads) |
+| <proj>.dms_lora_a (LoRA, [r, in])    |                   | as the weight's columns: o/down's slice, all of it for the others |
+| <proj>.dms_lora_b (LoRA, [out, r])   |                   | as the weight's rows: q/k/v/gate/up's slice, all of it for o/down |
 | q_norm, k_norm, dms_proj_alpha_norm, layer norms, embed_tokens, lm_head | | all (replicated) |
 
 The model a rank builds is an ordinary :class:`DecoderLM` of the *local* config (``Hq/N``,
 ``Hkv/N``, ``I/N``), so its attention, DMS logits and paged cache need no change: the borrowed
 channel of a KV head lives in the first query head of its group, which the same rank owns. Only
 ``o_proj`` and ``down_proj`` become :class:`RowParallelLinear` (same parameter names).
+
+A LoRA retrofit's update ``B A`` splits with its weight: a rank's slice of ``B A`` is its rows of
+``B`` times ``A`` (column-parallel) or ``B`` times its columns of ``A`` (row-parallel), so each rank
+can merge its own slice; a row-parallel update's partial sums join the weight's in the one all-reduce.
 
 Embedding and LM head are replicated: for the vocabularies of the supported models (49K-152K)
 that costs ``V * H`` per rank but no communication, whereas a vocabulary-parallel head needs an
@@ -39,6 +45,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..models.decoder import DecoderLM
 from ..models.loading import _materialise_rest, open_safetensors, read_config, read_state, resolve_dms, weight_files
+from ..models.lora import LoRALinear, has_merged_lora
 from ..models.registry import model_config_from_hf
 from .group import TPGroup
 
@@ -72,9 +79,6 @@ def check_divisible(cfg: ModelConfig, n: int, where: str = "model") -> None:
     if cfg.dms_active and cfg.dms.alpha_per == "layer" and n > 1:
         problems.append("dms_alpha_per='layer' (KV head 0 decides for every head, which would need its logits on "
                         "every rank) is not supported")
-    if cfg.dms is not None and cfg.dms.lora_rank and n > 1:
-        problems.append(f"dms_lora_rank={cfg.dms.lora_rank} (a LoRA retrofit's low-rank updates are not split across "
-                        f"ranks) is not supported; run it on one device")
     if problems:
         raise ValueError(f"tensor_parallel={n}: cannot split {where}: " + "; ".join(problems))
 
@@ -106,12 +110,37 @@ class RowParallelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+class RowParallelLoRALinear(LoRALinear):
+    """:class:`RowParallelLinear` with a LoRA update: the rank's partial sum (its columns of the
+    weight and of ``A``, merged or not) is all-reduced once, then biased."""
+
+    def __init__(self, cfg: ModelConfig, in_features: int, out_features: int, bias: bool, seed: int, group):
+        super().__init__(cfg, in_features, out_features, bias, seed)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(x, None)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def row_parallel(lin: nn.Linear, group) -> nn.Linear:
+    """The row-parallel twin of a projection (same parameter names, same LoRA settings)."""
+    if isinstance(lin, LoRALinear):
+        return RowParallelLoRALinear(lin.cfg, lin.in_features, lin.out_features, lin.bias is not None,
+                                     lin.lora_seed, group)
+    return RowParallelLinear(lin.in_features, lin.out_features, lin.bias is not None, group)
+
+
 def shard_rule(name: str, full: ModelConfig, n: int, rank: int) -> tuple[int, int, int] | None:
     """``(dim, start, stop)`` of the slice rank ``rank`` holds of weight ``name``; None: all of it."""
     d = full.head_dim
     q, kv, ff = full.num_heads // n, full.num_kv_heads // n, full.intermediate_size // n
     leaf = name.rsplit(".", 2)
     mod, kind = (leaf[-2], leaf[-1]) if len(leaf) >= 2 else ("", name)
+    if kind == "dms_lora_a":  # [r, in]: split where the weight's columns are (row-parallel), else whole
+        return shard_rule(name[: -len(kind)] + "weight", full, n, rank) if mod in ("o_proj", "down_proj") else None
+    # dms_lora_b [out, r] falls through: rows where the weight's rows split, whole for o/down (as their bias)
     if mod == "q_proj":
         return 0, rank * q * d, (rank + 1) * q * d
     if mod in ("k_proj", "v_proj"):
@@ -142,11 +171,8 @@ def build_local_model(full: ModelConfig, tp: TPGroup) -> DecoderLM:
     with torch.device("meta"):
         model = DecoderLM(cfg)
         for layer in model.model.layers:
-            o = layer.self_attn.o_proj
-            layer.self_attn.o_proj = RowParallelLinear(o.in_features, o.out_features, o.bias is not None, tp.group)
-            down = layer.mlp.down_proj
-            layer.mlp.down_proj = RowParallelLinear(down.in_features, down.out_features, down.bias is not None,
-                                                    tp.group)
+            layer.self_attn.o_proj = row_parallel(layer.self_attn.o_proj, tp.group)
+            layer.mlp.down_proj = row_parallel(layer.mlp.down_proj, tp.group)
     model.tp = TPShard(tp, full)
     return model
 
@@ -171,6 +197,9 @@ def load_model_sharded(folder: str | Path, tp: TPGroup, *, dtype: torch.dtype, d
 def load_named_weights_sharded(model: DecoderLM, path: str | Path, what: str = "weights") -> None:
     """:func:`load_named_weights` for a sharded model: each rank copies only its slice."""
     shard: TPShard = model.tp
+    if has_merged_lora(model):
+        raise ValueError(f"{what}: the model's LoRA updates are merged into its base weights; load it with "
+                         f"dms_runtime.load(..., merge_lora=False) to load weights into it")
     params = dict(model.named_parameters())
     with open_safetensors(Path(path)) as f:
         unknown = [n for n in f.keys() if n not in params]

@@ -16,6 +16,18 @@ OUTPUT_FILES = ("dms_weights.safetensors", "dms_config.json", "trainer_state.saf
                 "trainer_state.pt", "log.jsonl", "warm_start.json")
 
 
+def init_lora_settings(init_from: str) -> dict:
+    """The ``dms_lora_*`` settings of the ``--init-from`` retrofit (empty: none, or no such folder yet;
+    the trainer names a missing one)."""
+    from ..hub import shipped_retrofit
+
+    path = (shipped_retrofit(init_from) or Path(init_from)) / "dms_config.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {k: v for k, v in raw.items() if k.startswith("dms_lora_")} if raw.get("dms_lora_rank") else {}
+
+
 def prepare_out(out: Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
     """Refuse to train over an earlier retrofit unless told to continue it or replace it."""
     if out.exists() and not out.is_dir():
@@ -53,14 +65,15 @@ def add_parser(sub) -> None:
     p.add_argument("--sinks", type=cli_int(0, MAX_WINDOW), default=0, metavar="N",
                    help="the first N keys of every sequence are never evicted, in training and in the "
                         "retrofit's dms_config.json (dms_sink_tokens; 0: plain DMS)")
-    p.add_argument("--lora-rank", type=cli_int(0, 4096), default=0, metavar="R",
+    p.add_argument("--lora-rank", type=cli_int(0, 4096), default=None, metavar="R",
                    help="also train a rank-R update of the base projections (dms_lora_rank), applied only while "
                         "eviction is on, so the teacher and the eval's vanilla stay the base; saved with the adapter "
-                        "(0: the adapter alone)")
-    p.add_argument("--lora-alpha", type=cli_float(0, lo_open=True), default=16.0,
-                   help="the update is scaled by alpha / R (dms_lora_alpha)")
+                        "(0: the adapter alone; default: the --init-from retrofit's, else 0)")
+    p.add_argument("--lora-alpha", type=cli_float(0, lo_open=True), default=None,
+                   help="the update is scaled by alpha / R (dms_lora_alpha; default: the --init-from retrofit's, else 16)")
     p.add_argument("--lora-targets", nargs="+", default=None, metavar="PROJ",
-                   help="the projections updated (default all: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+                   help="the projections updated (default: the --init-from retrofit's, else all: q_proj k_proj "
+                        "v_proj o_proj gate_proj up_proj down_proj)")
     p.add_argument("--lora-lr", type=cli_float(0, lo_open=True), default=1e-4,
                    help="AdamW learning rate of the LoRA update (warmed up with --warmup)")
     p.add_argument("--variant", choices=["adapter", "borrowed"], default="adapter")
@@ -333,10 +346,15 @@ def run(args) -> int:
     device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     dms = {"dms_window_size": args.window, "dms_separate_alpha": args.variant == "adapter", "dms_tau": args.tau,
            "dms_cr": args.cr, "dms_sink_tokens": args.sinks}
-    if args.lora_rank:
-        dms.update(dms_lora_rank=args.lora_rank, dms_lora_alpha=args.lora_alpha, dms_lora_targets=args.lora_targets)
-    elif args.lora_targets is not None:
-        raise UserError("--lora-targets: give --lora-rank too (the targets of a rank-0 update are none)")
+    lora = init_lora_settings(args.init_from) if args.init_from is not None else {}
+    lora_rank = args.lora_rank if args.lora_rank is not None else lora.get("dms_lora_rank", 0)
+    if lora_rank:  # an --init-from LoRA retrofit is continued with its update unless the flags say otherwise
+        dms.update(dms_lora_rank=lora_rank,
+                   dms_lora_alpha=args.lora_alpha if args.lora_alpha is not None else lora.get("dms_lora_alpha", 16.0),
+                   dms_lora_targets=args.lora_targets if args.lora_targets is not None else lora.get("dms_lora_targets"))
+    elif args.lora_targets is not None or args.lora_alpha is not None:
+        raise UserError(f"--lora-{'targets' if args.lora_targets is not None else 'alpha'}: give --lora-rank too "
+                        f"(a rank-0 update has none)")
     lm = dr.load(args.model, dtype=args.dtype, device=device, dms=dms, merge_lora=False)
     if lm.tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer; the retrofit data needs one")
