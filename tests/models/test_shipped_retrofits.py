@@ -1,5 +1,6 @@
-"""The DMS retrofits of SmolLM2 that ship in the package: they load offline by name, hold only the
-adapter, and compress the cache of a held-out text while staying close to the vanilla model."""
+"""The DMS retrofits of SmolLM2 that ship in the package: they load offline by name, hold only DMS
+weights (the eviction adapter, and a LoRA retrofit's low-rank update), and compress the cache of a
+held-out text while staying close to the vanilla model."""
 
 import json
 
@@ -8,20 +9,30 @@ import torch
 
 import dms_runtime as dr
 from dms_runtime.hub import SHIPPED_RETROFITS, shipped_retrofit
+from dms_runtime.models.lora import has_merged_lora, is_lora_parameter
 from dms_runtime.retrofit.evaluate import fidelity
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_RETROFITS))
-def test_loads_offline_by_name_with_the_adapter_only(name, smollm2_folder):
+def test_loads_offline_by_name_with_dms_weights_only(name, smollm2_folder):
+    from safetensors import safe_open
+
     folder = shipped_retrofit(name)
-    assert (folder / "dms_weights.safetensors").stat().st_size < 1 << 20  # a few hundred KB, never the base
     raw = json.loads((folder / "dms_config.json").read_text())
     assert raw["base_model"] == "smollm2-135m-instruct" and raw["dms_separate_alpha"] is True
+    with safe_open(str(folder / "dms_weights.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(".dms_proj_alpha" in n or is_lora_parameter(n) for n in names)  # never the base
+    rank = raw.get("dms_lora_rank", 0)
+    assert any(is_lora_parameter(n) for n in names) == (rank > 0)
+    # the adapter is a few hundred KB; a rank-16 update of every projection in bfloat16 about 10 MB
+    assert (folder / "dms_weights.safetensors").stat().st_size < (1 << 20) + rank * (1 << 20)
     assert "dms retrofit" in (folder / "recipe.md").read_text()
     lm = dr.load(name)
     assert lm.name == name and lm.config.dms_active and lm.config.dms.window_size == raw["dms_window_size"]
+    assert lm.config.dms.lora_rank == rank and has_merged_lora(lm.model) == (rank > 0)  # merged for inference
     adapters = [p for n, p in lm.model.named_parameters() if "dms_proj_alpha." in n]
     assert len(adapters) == lm.config.num_layers and all(p.abs().sum() > 0 for p in adapters)
 
@@ -41,12 +52,14 @@ def test_a_run_continues_from_a_shipped_retrofit_by_name():
 
     from dms_runtime.retrofit.trainer import Retrofitter, RetrofitConfig
 
+    from dms_runtime.retrofit.cli import init_lora_settings
+
     name = "smollm2-135m-instruct-dms-cr8"
-    lm = dr.load("smollm2-135m-instruct", dms={"dms_separate_alpha": True})
+    lm = dr.load("smollm2-135m-instruct", dms={"dms_separate_alpha": True, **init_lora_settings(name)})
     Retrofitter(lm.model, RetrofitConfig(final_cr=8, initial_cr=8, window=128, init_from=name))
     shipped = load_file(str(shipped_retrofit(name) / "dms_weights.safetensors"))
     params = dict(lm.model.named_parameters())
-    assert shipped and all(torch.equal(params[n], w) for n, w in shipped.items())
+    assert shipped and all(torch.equal(params[n], w.to(params[n].dtype)) for n, w in shipped.items())
 
 
 @pytest.mark.parametrize("name,min_cr,max_kl", [("smollm2-135m-instruct-dms-cr2", 1.3, 0.04),
