@@ -33,7 +33,7 @@ from dms_runtime.retrofit.training_backend import TrainingAttention, eviction_of
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--init-from", default="smollm2-135m-instruct-dms-cr8")
+    ap.add_argument("--init-from", default="bench/runs/shipped-v1-cr8")  # the adapter-only CR 8
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--top-k", type=int, nargs="+", default=[16, 64, 256])

@@ -55,7 +55,7 @@ def test_a_run_continues_from_a_shipped_retrofit_by_name():
     from dms_runtime.retrofit.cli import init_lora_settings
 
     name = "smollm2-135m-instruct-dms-cr8"
-    lm = dr.load("smollm2-135m-instruct", dms={"dms_separate_alpha": True, **init_lora_settings(name)})
+    lm = dr.load("smollm2-135m-instruct", dms={"dms_separate_alpha": True, **init_lora_settings(name)}, merge_lora=False)
     Retrofitter(lm.model, RetrofitConfig(final_cr=8, initial_cr=8, window=128, init_from=name))
     shipped = load_file(str(shipped_retrofit(name) / "dms_weights.safetensors"))
     params = dict(lm.model.named_parameters())
