@@ -13,7 +13,7 @@ from ..config import DMSConfig, ModelConfig
 from ..validation import UserError
 from .decoder import DecoderLM
 from .layers import rope_inv_freq
-from .lora import has_merged_lora, is_lora_parameter
+from .lora import is_lora_parameter, refuse_merged
 from .registry import model_config_from_hf
 
 _IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
@@ -189,9 +189,7 @@ def load_named_weights(model: DecoderLM, path: str | Path, what: str = "weights"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} does not exist")
-    if has_merged_lora(model):  # new factors under a weight that holds the old update: a corrupted model
-        raise ValueError(f"{what}: the model's LoRA updates are merged into its base weights; load it with "
-                         f"dms_runtime.load(..., merge_lora=False) to load weights into it")
+    refuse_merged(model, what, "load weights into it")
     with open_safetensors(path) as f:
         weights = {n: read_tensor(f, path, n) for n in f.keys()}
     params = dict(model.named_parameters())

@@ -128,3 +128,11 @@ def unmerge_lora(model: nn.Module) -> int:
 
 def has_merged_lora(model: nn.Module) -> bool:
     return any(m.merged for m in lora_modules(model))
+
+
+def refuse_merged(model: nn.Module, what: str, to: str) -> None:
+    """A ValueError naming ``what`` if ``model``'s updates are merged: new factors (or training)
+    under a weight that holds the old update would corrupt the model."""
+    if has_merged_lora(model):
+        raise ValueError(f"{what}: the model's LoRA updates are merged into its base weights (inference); load it "
+                         f"with dms_runtime.load(..., merge_lora=False) to {to}")

@@ -45,7 +45,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..models.decoder import DecoderLM
 from ..models.loading import _materialise_rest, open_safetensors, read_config, read_state, resolve_dms, weight_files
-from ..models.lora import LoRALinear, has_merged_lora
+from ..models.lora import LoRALinear, refuse_merged
 from ..models.registry import model_config_from_hf
 from .group import TPGroup
 
@@ -197,9 +197,7 @@ def load_model_sharded(folder: str | Path, tp: TPGroup, *, dtype: torch.dtype, d
 def load_named_weights_sharded(model: DecoderLM, path: str | Path, what: str = "weights") -> None:
     """:func:`load_named_weights` for a sharded model: each rank copies only its slice."""
     shard: TPShard = model.tp
-    if has_merged_lora(model):
-        raise ValueError(f"{what}: the model's LoRA updates are merged into its base weights; load it with "
-                         f"dms_runtime.load(..., merge_lora=False) to load weights into it")
+    refuse_merged(model, what, "load weights into it")
     params = dict(model.named_parameters())
     with open_safetensors(Path(path)) as f:
         unknown = [n for n in f.keys() if n not in params]

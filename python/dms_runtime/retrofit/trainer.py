@@ -15,7 +15,7 @@ from ..models.full_sequence import FullSequenceAttention
 from ..models.decoder import DecoderLM
 from .. import validation as V
 from ..models.loading import load_named_weights, open_safetensors, read_json, read_tensor
-from ..models.lora import has_merged_lora, is_lora_parameter
+from ..models.lora import is_lora_parameter, refuse_merged
 from .training_backend import TrainingAttention, eviction_off
 from .losses import compression_target, distillation_kl, topk_kl
 
@@ -79,9 +79,7 @@ class Retrofitter:
         dms = model.config.dms
         if dms is None:
             raise ValueError("model: load it with DMS settings (dms={...}) before retrofitting")
-        if has_merged_lora(model):
-            raise ValueError("model: its LoRA updates are merged into the base weights (inference); load it with "
-                             "dms_runtime.load(..., merge_lora=False) to retrofit it")
+        refuse_merged(model, "model", "retrofit it")
         if config.trainable == "dms" and not dms.separate_alpha:
             raise ValueError("trainable: 'dms' trains the adapter only; load with dms_separate_alpha=True "
                              "(the borrowed-neuron variant trains q_proj: use trainable='all')")
