@@ -126,16 +126,14 @@ def load(
     if tp is None:
         path, embedded = resolve(str(name_or_path))
         model, _ = load_model(path, dtype=_dtype(dtype), device=_device(device), dms=dms)
-        if merge_lora:
-            merge_lora_updates(model)
     else:
         from .parallel import load_model_sharded, rank_zero_first
 
         with rank_zero_first(tp):  # one rank converts an embedded GGUF file into the cache
             path, embedded = resolve(str(name_or_path))
         model = load_model_sharded(path, tp, dtype=_dtype(dtype), device=device, dms=dms)
-        if merge_lora:
-            merge_lora_updates(model)
+    if merge_lora:
+        merge_lora_updates(model)  # under tensor parallelism a rank merges its own slice
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer

@@ -20,11 +20,12 @@ def init_lora_settings(init_from: str) -> dict:
     """The ``dms_lora_*`` settings of the ``--init-from`` retrofit (empty: none, or no such folder yet;
     the trainer names a missing one)."""
     from ..hub import shipped_retrofit
+    from ..models.loading import read_json
 
     path = (shipped_retrofit(init_from) or Path(init_from)) / "dms_config.json"
     if not path.is_file():
         return {}
-    raw = json.loads(path.read_text())
+    raw = read_json(path)
     return {k: v for k, v in raw.items() if k.startswith("dms_lora_")} if raw.get("dms_lora_rank") else {}
 
 
