@@ -48,6 +48,11 @@ def shipped_retrofit(name: str) -> Path | None:
     return folder
 
 
+def retrofit_folder(name: str) -> Path:
+    """A retrofit given by a shipped retrofit's name or by its folder (``--init-from``): the folder."""
+    return shipped_retrofit(name) or Path(name)
+
+
 def embedded_gguf(name: str) -> Path:
     entry = EMBEDDED[name]
     spec = importlib.util.find_spec(entry.package)

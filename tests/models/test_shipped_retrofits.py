@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dms_runtime as dr
-from dms_runtime.hub import SHIPPED_RETROFITS, shipped_retrofit
+from dms_runtime.hub import SHIPPED_RETROFITS, retrofit_folder, shipped_retrofit
 from dms_runtime.models.lora import has_merged_lora, is_lora_parameter
 from dms_runtime.retrofit.evaluate import fidelity
 
@@ -41,6 +41,9 @@ def test_unknown_or_missing_shipped_names_are_clear(tmp_path, monkeypatch):
     import dms_runtime.hub as hub
 
     assert shipped_retrofit("smollm2-135m-instruct") is None
+    # --init-from takes a shipped name or a folder
+    assert retrofit_folder("smollm2-135m-instruct-dms-cr8") == shipped_retrofit("smollm2-135m-instruct-dms-cr8")
+    assert retrofit_folder(str(tmp_path / "run")) == tmp_path / "run"
     monkeypatch.setattr(hub, "ADAPTERS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="shipped retrofit 'smollm2-135m-instruct-dms-cr8' is missing"):
         shipped_retrofit("smollm2-135m-instruct-dms-cr8")

@@ -19,10 +19,10 @@ OUTPUT_FILES = ("dms_weights.safetensors", "dms_config.json", "trainer_state.saf
 def init_lora_settings(init_from: str) -> dict:
     """The ``dms_lora_*`` settings of the ``--init-from`` retrofit (empty: none, or no such folder yet;
     the trainer names a missing one)."""
-    from ..hub import shipped_retrofit
+    from ..hub import retrofit_folder
     from ..models.loading import read_json
 
-    path = (shipped_retrofit(init_from) or Path(init_from)) / "dms_config.json"
+    path = retrofit_folder(init_from) / "dms_config.json"
     if not path.is_file():
         return {}
     raw = read_json(path)

@@ -86,9 +86,9 @@ class Retrofitter:
         dms.window_size, dms.tau, dms.cr, dms.disable_eviction = config.window, config.tau, config.final_cr, False
         self.model, self.config = model, config
         if config.init_from is not None:
-            from ..hub import shipped_retrofit
+            from ..hub import retrofit_folder
 
-            init = (shipped_retrofit(config.init_from) or Path(config.init_from)) / "dms_weights.safetensors"
+            init = retrofit_folder(config.init_from) / "dms_weights.safetensors"
             if not init.is_file():
                 raise FileNotFoundError(f"init_from: {str(init)!r} does not exist (expected a retrofit folder "
                                         f"or a shipped retrofit's name)")
