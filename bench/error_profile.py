@@ -6,7 +6,8 @@ runs vanilla, DMS and each ``--policy`` at DMS's budget (its peak KV held, as ``
 the same held-out texts and prints, per method, the per-token KL's quantiles, the share of the
 total KL carried by the worst 1% / 5% of tokens, greedy agreement where vanilla is confident
 (top-1 probability >= 0.9) and where it is not, and how confident vanilla was at the tokens a
-method gets wrong.
+method gets wrong, and KL and agreement split at the budget: a heuristic with a fixed budget holds
+every key until the text is that long, so its tokens before that point are exact.
 
     .venv/bin/python bench/error_profile.py -m smollm2-135m-instruct-dms-cr8 --length 2048 --sequences 4 \
         --policy h2o --json bench/results/....json
@@ -31,8 +32,10 @@ from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budg
 from dms_runtime.retrofit.training_backend import eviction_off
 
 
-def profile(kl: torch.Tensor, wrong: torch.Tensor, top1: torch.Tensor) -> dict:
-    """Per-token KL ``[N]``, greedy mismatch ``[N]`` bool and vanilla's top-1 probability ``[N]``."""
+def profile(kl: torch.Tensor, wrong: torch.Tensor, top1: torch.Tensor, filled: torch.Tensor) -> dict:
+    """Per-token KL ``[N]``, greedy mismatch ``[N]`` bool, vanilla's top-1 probability ``[N]`` and
+    whether the token's query came after the budget filled ``[N]`` bool (position >= budget: before,
+    a policy with a fixed budget holds every key, so its error there is zero)."""
     srt = kl.sort(descending=True).values
     total = float(kl.sum())
     n = kl.numel()
@@ -49,6 +52,11 @@ def profile(kl: torch.Tensor, wrong: torch.Tensor, top1: torch.Tensor) -> dict:
         "vanilla_confident_fraction": float(confident.float().mean()),
         "wrong_where_vanilla_confident": float((wrong & confident).sum()) / max(1, int(wrong.sum())),
         "vanilla_top1_at_wrong_p50": float(top1[wrong].median()) if wrong.any() else None,
+        "after_budget_fraction": float(filled.float().mean()),
+        "kl_mean_before_budget": float(kl[~filled].mean()) if (~filled).any() else None,
+        "kl_mean_after_budget": float(kl[filled].mean()) if filled.any() else None,
+        "agreement_before_budget": 1.0 - float(wrong[~filled].float().mean()) if (~filled).any() else None,
+        "agreement_after_budget": 1.0 - float(wrong[filled].float().mean()) if filled.any() else None,
     }
 
 
@@ -78,19 +86,22 @@ def main(argv=None) -> None:
                 out = forward_ids(lm.model, s, PolicyAttention(pol, budget))
                 per[pol].append((token_kl(out, van)[0], (out.argmax(-1) != van.argmax(-1))[0]))
     top = torch.cat(top1)
+    filled = torch.cat([torch.arange(len(x)) >= budget for x in seqs])
     rows = []
     for method, parts in per.items():
         kl, wrong = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         rows.append({"method": method, "model": a.model, "length": a.length, "sequences": a.sequences,
-                     "budget": budget, "held_fraction": row.peak_live_fraction, **profile(kl, wrong, top)})
+                     "budget": budget, "held_fraction": row.peak_live_fraction, **profile(kl, wrong, top, filled)})
     cols = ["method", "kl_mean", "kl_p50", "kl_p90", "kl_p99", "kl_share_worst_1pct", "kl_share_worst_5pct",
-            "agreement", "agreement_vanilla_confident", "agreement_vanilla_unsure", "wrong_where_vanilla_confident"]
+            "agreement", "agreement_vanilla_confident", "agreement_vanilla_unsure", "wrong_where_vanilla_confident",
+            "kl_mean_before_budget", "kl_mean_after_budget", "agreement_before_budget", "agreement_after_budget"]
     print(f"{a.model} at {a.length}, {a.sequences} texts, budget {budget} ({row.peak_live_fraction:.3f}); "
           f"vanilla confident (top-1 >= 0.9) at {rows[0]['vanilla_confident_fraction']:.1%} of tokens")
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
     for r in rows:
-        print("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.4g}" for c in cols) + " |")
+        print("| " + " | ".join(r[c] if isinstance(r[c], str) else "-" if r[c] is None else f"{r[c]:.4g}"
+                                for c in cols) + " |")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
 

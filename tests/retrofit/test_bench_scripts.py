@@ -56,7 +56,8 @@ def test_error_profile_on_hand_made_tokens():
     wrong[[2, 3]] = True
     top1 = torch.full((100,), 0.5)
     top1[[0, 3]] = 0.95
-    r = prof(kl, wrong, top1)
+    filled = torch.arange(100) >= 3  # the budget fills at position 3
+    r = prof(kl, wrong, top1, filled)
     assert r["kl_mean"] == pytest.approx(0.04)
     assert r["kl_share_worst_1pct"] == pytest.approx(0.75) and r["kl_share_worst_5pct"] == pytest.approx(1.0)
     assert r["agreement"] == pytest.approx(0.98)
@@ -64,6 +65,10 @@ def test_error_profile_on_hand_made_tokens():
     assert r["agreement_vanilla_unsure"] == pytest.approx(97 / 98)
     assert r["wrong_where_vanilla_confident"] == pytest.approx(0.5)
     assert r["vanilla_top1_at_wrong_p50"] == pytest.approx(0.5)  # median of (0.5, 0.95): the lower
+    assert r["after_budget_fraction"] == pytest.approx(0.97)
+    assert r["kl_mean_before_budget"] == pytest.approx(1 / 3) and r["kl_mean_after_budget"] == pytest.approx(3 / 97)
+    assert r["agreement_before_budget"] == pytest.approx(2 / 3) and r["agreement_after_budget"] == pytest.approx(96 / 97)
+    assert prof(kl, wrong, top1, torch.ones(100, dtype=torch.bool))["agreement_before_budget"] is None
 
 
 def test_layer_shift_probe_moves_memory_both_ways(tiny_with_tokenizer, tmp_path):
