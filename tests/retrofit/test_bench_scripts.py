@@ -1,4 +1,5 @@
-"""bench/retrieval_cases.py (resumable case-by-case retrieval) and bench/error_profile.py (where errors fall)."""
+"""bench/retrieval_cases.py (resumable case-by-case retrieval), bench/error_profile.py (where errors fall) and
+bench/ship_retrofit.py (a run into the package, or into a committed starting point)."""
 
 import importlib.util
 import json
@@ -91,3 +92,28 @@ def test_policy_decode_reports_each_policy_and_the_kv_it_holds(capsys):
     assert [x.split()[0] for x in lines] == ["streaming", "tova", "h2o", "quest"]
     held = {x.split()[0]: int(x.rsplit("(", 1)[1].split()[0]) for x in lines}
     assert held == {"streaming": 8, "tova": 8, "h2o": 8, "quest": 43}  # the budget; Quest keeps every token
+
+
+def test_ship_retrofit_to_a_folder_keeps_the_adapter_and_rounds_the_update(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run, to = tmp_path / "run", tmp_path / "step75"
+    run.mkdir()
+    weights = {"model.layers.0.self_attn.dms_proj_alpha.weight": torch.randn(2, 8),
+               "model.layers.0.self_attn.q_proj.dms_lora_a": torch.randn(4, 8),
+               "model.layers.0.self_attn.q_proj.dms_lora_b": torch.randn(8, 4)}
+    save_file(weights, str(run / "dms_weights.safetensors"))
+    (run / "dms_config.json").write_text(json.dumps({"dms_lora_rank": 4}))
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    bench("ship_retrofit").main([str(run), "label", "--to", str(to)])
+    out = load_file(str(to / "dms_weights.safetensors"))
+    assert out["model.layers.0.self_attn.dms_proj_alpha.weight"].dtype == torch.float32
+    torch.testing.assert_close(out["model.layers.0.self_attn.dms_proj_alpha.weight"],
+                               weights["model.layers.0.self_attn.dms_proj_alpha.weight"], rtol=0, atol=0)
+    lora = out["model.layers.0.self_attn.q_proj.dms_lora_a"]
+    assert lora.dtype == torch.bfloat16 and torch.equal(lora, weights["model.layers.0.self_attn.q_proj.dms_lora_a"].bfloat16())
+    assert json.loads((to / "dms_config.json").read_text()) == {"dms_lora_rank": 4}
+    assert (to / "log.jsonl").read_text() == '{"step": 1}\n'
+    save_file({**weights, "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8)}, str(run / "dms_weights.safetensors"))
+    with pytest.raises(SystemExit, match="never ship the base"):
+        bench("ship_retrofit").main([str(run), "label", "--to", str(tmp_path / "bad")])
