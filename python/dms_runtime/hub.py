@@ -34,7 +34,7 @@ ADAPTERS_DIR = Path(__file__).parent / "adapters"
 SHIPPED_RETROFITS = {
     "smollm2-135m-instruct-dms-cr2": "SmolLM2-135M-Instruct retrofitted with DMS to CR 2 (adapter, base frozen)",
     "smollm2-135m-instruct-dms-cr4": "SmolLM2-135M-Instruct retrofitted with DMS to CR 4 (adapter, base frozen)",
-    "smollm2-135m-instruct-dms-cr8": "SmolLM2-135M-Instruct retrofitted with DMS to CR 8 (adapter, base frozen)",
+    "smollm2-135m-instruct-dms-cr8": "SmolLM2-135M-Instruct retrofitted with DMS to CR 8 (adapter + rank-16 LoRA update, 2,048-token training)",
 }
 
 
