@@ -33,7 +33,7 @@ ADAPTERS_DIR = Path(__file__).parent / "adapters"
 # (base_model: an EMBEDDED name) and recipe.md (the command, seed and data that produced it).
 SHIPPED_RETROFITS = {
     "smollm2-135m-instruct-dms-cr2": "SmolLM2-135M-Instruct retrofitted with DMS to CR 2 (adapter, base frozen)",
-    "smollm2-135m-instruct-dms-cr4": "SmolLM2-135M-Instruct retrofitted with DMS to CR 4 (adapter, base frozen)",
+    "smollm2-135m-instruct-dms-cr4": "SmolLM2-135M-Instruct retrofitted with DMS to CR 4 (adapter + rank-16 LoRA update)",
     "smollm2-135m-instruct-dms-cr8": "SmolLM2-135M-Instruct retrofitted with DMS to CR 8 (adapter + rank-16 LoRA update, 2,048-token training)",
 }
 
