@@ -103,6 +103,26 @@ def test_resume_continues_exactly(adapter_model, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
 
 
+def test_resume_drops_the_log_records_after_the_checkpoint(adapter_model, tmp_path):
+    ids = torch.randint(0, 131, (1, 12))
+    cfg = RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=0.05, warmup_steps=1, seed=2)
+    log = tmp_path / "log.jsonl"
+    tr = Retrofitter(load_model(adapter_model)[0], cfg, log_path=log)
+    for _ in range(2):
+        tr.step(ids)
+    tr.save(tmp_path)
+    for _ in range(2):  # logged, then the run stops before its next save
+        tr.step(ids)
+    with open(log, "a") as f:
+        f.write('{"step": 5, "kl"')  # killed mid-write
+    assert len(log.read_text().splitlines()) == 5
+    again = Retrofitter(load_model(adapter_model)[0], cfg, log_path=log)
+    again.resume(tmp_path)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    again.step(ids)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_init_from_starts_from_an_earlier_retrofit(adapter_model, tmp_path):
     first, _ = load_model(adapter_model)
     tr = Retrofitter(first, RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=0.05, warmup_steps=1, seed=1))

@@ -239,6 +239,22 @@ class Retrofitter:
         except RuntimeError as e:
             raise V.UserError(f"{folder / STATE_TENSORS}: 'generator' is not a CPU RNG state ({e})") from None
         self.step_count = step
+        self._trim_log(step)
+
+    def _trim_log(self, step: int) -> None:
+        """Drop the log's records of steps after ``step``: a run stopped between two saves logged them,
+        and they are trained again from the checkpoint (a half-written last line goes with them)."""
+        if not (self.log_path and self.rank == 0 and self.log_path.is_file()):
+            return
+        kept = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        _atomic(self.log_path, lambda p: p.write_text("".join(kept)))
 
 
 WEIGHTS = "dms_weights.safetensors"
