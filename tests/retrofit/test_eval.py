@@ -97,6 +97,23 @@ def test_compare_methods_puts_policies_at_the_dms_budget(tiny_with_tokenizer):
     assert all(r.budget == budget for r in rows[2:])
 
 
+def test_compare_methods_can_match_the_dms_reads(tiny_with_tokenizer):
+    from dms_runtime.retrofit.evaluate import compare_methods
+    from dms_runtime.retrofit.policies import read_budget
+
+    lm = dr.load(tiny_with_tokenizer, dms={"dms_window_size": 3, "dms_initial_alpha_offset": 0.0})
+    dms_row, rows = compare_methods(lm, 60, sequences=1, policies=["streaming", "tova", "h2o"], match="read")
+    by = {r.method: r for r in rows}
+    for name in ("streaming", "tova", "h2o"):
+        assert by[name].budget == read_budget(name, dms_row.read_fraction, 60)
+        # the smallest budget reading at least as much as DMS: within one key per query of it
+        assert dms_row.read_fraction <= by[name].read_fraction < dms_row.read_fraction + 60 / (60 * 61 / 2)
+    held = {r.method: r for r in compare_methods(lm, 60, sequences=1, policies=["tova"])[1]}
+    assert by["tova"].budget <= held["tova"].budget  # DMS reads at most what it holds at each step
+    with pytest.raises(ValueError, match="match"):
+        compare_methods(lm, 60, sequences=1, policies=["tova"], match="peak")
+
+
 def test_eval_cli_policies_table_and_plot(tiny_with_tokenizer, capsys, tmp_path):
     rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-sinks", "2", "--lengths", "32",
                "--sequences", "1", "--policy", "streaming", "quest", "--plot", str(tmp_path / "p.png")])

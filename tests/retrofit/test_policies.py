@@ -161,3 +161,32 @@ def test_plan_attention_is_the_dense_masked_attention(policy, t, budget):
     mask = plan_mask(plan, 2, t)
     torch.testing.assert_close(plan_attention(q, k, v, plan), _masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert plan_reads(plan) == int(mask.sum())
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tova", "h2o"])
+@pytest.mark.parametrize("t,budget", [(1, 2), (2, 2), (23, 2), (23, 7), (23, 22), (23, 23), (23, 40)])
+def test_policy_reads_count_what_the_policy_reads(policy, t, budget):
+    from dms_runtime.retrofit.policies import policy_reads
+
+    gen = torch.Generator().manual_seed(t * 100 + budget)
+    q, k, v = (torch.randn(1, h, t, 8, generator=gen) for h in (4, 2, 2))
+    backend = PolicyAttention(policy, budget)
+    backend.attend(0, q, k, v, None)
+    assert backend.reads == 2 * policy_reads(policy, budget, t)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tova", "h2o", "quest"])
+@pytest.mark.parametrize("length", [1, 2, 17, 300])
+def test_read_budget_is_the_smallest_that_reads_enough(policy, length):
+    from dms_runtime.retrofit.policies import policy_reads, read_budget
+
+    dense = length * (length + 1) // 2
+    for fraction in (0.01, 0.137, 0.5, 0.93, 1.0):
+        b = read_budget(policy, fraction, length)
+        assert b >= 2 and policy_reads(policy, b, length) >= fraction * dense
+        if b > 2:
+            assert policy_reads(policy, b - 1, length) < fraction * dense
+    with pytest.raises(ValueError, match="read_fraction"):
+        read_budget(policy, 0.0, length)
+    with pytest.raises(ValueError, match="length"):
+        read_budget(policy, 0.5, 0)

@@ -276,6 +276,14 @@ def test_eval_cli_retrieval(tiny_with_tokenizer, capsys, tmp_path):
     assert all(0 < r["held_fraction"] < 1 for r in out["retrieval"] if r["method"] == "dms")
     assert all(r["held_fraction"] == 1.0 for r in out["retrieval"] if r["method"] == "vanilla")
     assert all(r["retrieval_accuracy"] is not None for r in out["methods"])
+    # matching DMS's reads: each policy's rows carry the budget its fidelity row was given, as a fraction
+    assert main(common + ["--policy", "streaming", "h2o", "--calibration-threshold", "0", "--match", "read"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    budgets = {r["method"]: r["budget"] for r in out["methods"] if r["budget"]}
+    assert set(budgets) == {"streaming", "h2o"}
+    for r in out["retrieval"]:
+        if r["method"] in budgets:
+            assert r["budget_fraction"] == budgets[r["method"]] / 256
     assert main(common[:-1] + ["--calibrate"]) == 0
     text = capsys.readouterr().out
     assert "uninformative" in text and "multivalue" in text and "KL/token" not in text

@@ -352,6 +352,7 @@ CLI = [
     (["generate", "--dms-sinks", "x", "x"], "argument --dms-sinks"),
     (["generate", "--dms-offset", "nan", "x"], "argument --dms-offset: expected a finite number >= -1000"),
     (["eval", "-m", "x", "--dms-offset", "1e9"], "argument --dms-offset"),
+    (["eval", "-m", "x", "--match", "peak"], "argument --match: invalid choice: 'peak'"),
     (["retrofit", "--out", "{tmp}/o", "--sinks", "-2"], "argument --sinks"),
 ]
 

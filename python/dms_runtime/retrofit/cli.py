@@ -104,6 +104,7 @@ def add_parser(sub) -> None:
 
 
 def add_eval_parser(sub) -> None:
+    from .evaluate import MATCHES
     from .policies import POLICIES
     from .retrieval import CALIBRATION, TASKS
 
@@ -116,8 +117,11 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--passkey-trials", type=cli_int(0), default=0, help="passkey retrieval trials per length (0: skip)")
     p.add_argument("--vartrack-trials", type=cli_int(0), default=0, help="variable-tracking trials per length (0: skip)")
     p.add_argument("--policy", nargs="+", default=[], choices=POLICIES,
-                   help="baselines run at each DMS model's peak KV budget: streaming (StreamingLLM), tova, h2o, "
+                   help="baselines run at each DMS model's KV budget (--match): streaming (StreamingLLM), tova, h2o, "
                         "quest; their passkey accuracy is teacher-forced, like vanilla's and DMS's next to them")
+    p.add_argument("--match", default="held", choices=MATCHES,
+                   help="what the policies' budget matches: DMS's peak KV tokens held (held, the default) or its "
+                        "KV tokens read by all queries (read: the bytes a decode step moves)")
     p.add_argument("--retrieval", nargs="+", default=[], choices=TASKS,
                    help="retrieval tasks scored by greedy generation (passkey, multikey, multivalue, vartrack): "
                         "vanilla first; where it scores below --calibration-threshold the task is uninformative "
@@ -210,7 +214,7 @@ def _base(lm) -> str:
 def run_eval(args) -> int:
     import dms_runtime as dr
 
-    from .evaluate import (MethodRow, RetrievalSuite, compare_methods, fidelity, heldout_sequences,
+    from .evaluate import (MethodRow, RetrievalSuite, compare_methods, fidelity, heldout_sequences, matched_budget,
                            mean_informative, passkey_accuracy, vanilla_logits, vartrack_accuracy)
 
     if args.calibrate and not args.retrieval:
@@ -235,7 +239,7 @@ def run_eval(args) -> int:
                 vanilla[key] = vanilla_logits(lm, heldout_sequences(lm, n, args.sequences))
             if args.policy:
                 row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, label,
-                                            vanilla=vanilla[key])
+                                            vanilla=vanilla[key], match=args.match)
                 new_rows = [r for r in rows if r.method != "vanilla" or index == 0]
             else:
                 row = fidelity(lm, n, args.sequences, vanilla=vanilla[key])
@@ -246,7 +250,8 @@ def run_eval(args) -> int:
                     new_rows = new_rows[1:]
             if suite is not None:
                 ret_rows += suite.run(lm, n, label, _base(lm), policies=args.policy,
-                                      budget_fraction=row.peak_live_fraction)
+                                      budget_fraction={p: matched_budget(p, args.match, row, n) / n
+                                                       for p in args.policy})
                 for r in new_rows:
                     r.retrieval_accuracy = mean_informative(ret_rows, r.method, r.model, n)
             method_rows += new_rows

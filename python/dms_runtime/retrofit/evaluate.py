@@ -189,18 +189,35 @@ def forced_accuracy(model, tasks: list[tuple[list[int], list[int]]], make_backen
     return right / max(len(tasks), 1)
 
 
-def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_trials: int = 0,
-                    label: str = "dms", seed: int = 1234, vanilla: list[torch.Tensor] | None = None
-                    ) -> tuple[FidelityRow, list[MethodRow]]:
-    """Vanilla, DMS, and each policy at DMS's budget (its peak KV tokens held per layer and head);
-    also DMS's :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known)."""
-    from .policies import PolicyAttention, policy_budget
+MATCHES = ("held", "read")
 
+
+def matched_budget(policy: str, match: str, dms_row: FidelityRow, length: int) -> int:
+    """A policy's KV tokens per layer and head at DMS's memory: its peak tokens held (``match="held"``)
+    or its K/V tokens read by all queries (``"read"``, the bytes decoding moves)."""
+    from .policies import policy_budget, read_budget
+
+    if match == "held":
+        return policy_budget(dms_row.peak_live_fraction, length)
+    if match == "read":
+        return read_budget(policy, dms_row.read_fraction, length)
+    raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
+
+
+def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_trials: int = 0,
+                    label: str = "dms", seed: int = 1234, vanilla: list[torch.Tensor] | None = None,
+                    match: str = "held") -> tuple[FidelityRow, list[MethodRow]]:
+    """Vanilla, DMS, and each policy at DMS's budget: its peak KV tokens held per layer and head
+    (``match="held"``) or its KV tokens read (``"read"``, :func:`matched_budget`); also DMS's
+    :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known)."""
+    from .policies import PolicyAttention
+
+    if match not in MATCHES:
+        raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
     model, cfg = lm.model, lm.config
     seqs = heldout_sequences(lm, length, sequences, seed)
     vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
     dms_row = fidelity(lm, length, sequences, seed, vanilla=vanilla)
-    budget = policy_budget(dms_row.peak_live_fraction, length)
     tasks = []
     if passkey_trials:
         prompts, answers = task_prompts(lm, length, lambda n, rng: passkey_task(n, rng), passkey_trials, 99)
@@ -222,6 +239,7 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
     dense_held = length * cfg.num_kv_heads * cfg.num_layers
     dense_reads = cfg.num_layers * cfg.num_kv_heads * length * (length + 1) / 2
     for policy in policies:
+        budget = matched_budget(policy, match, dms_row, length)
         kls, agree, held, reads = [], [], 0.0, 0.0
         with torch.inference_mode(), eviction_off(model):
             for s, van in zip(seqs, vanilla):
@@ -287,16 +305,21 @@ class RetrievalSuite:
             self._cases[key] = make_cases(tokenizer, task, length, self.n, self.seed, context=context)
         return self._cases[key]
 
-    def run(self, lm, length: int, label: str, base: str, policies=(), budget_fraction: float | None = None,
-            dms: bool = True) -> list[RetrievalRow]:
+    def run(self, lm, length: int, label: str, base: str, policies=(),
+            budget_fraction: float | dict[str, float] | None = None, dms: bool = True) -> list[RetrievalRow]:
         """Vanilla (once per base, eviction off), then DMS (``dms``) and each policy at
-        ``budget_fraction`` of the prompt, on the tasks where vanilla is informative at ``length``."""
+        ``budget_fraction`` of the prompt (one for all, or one per policy), on the tasks where vanilla is
+        informative at ``length``."""
         from .retrieval import accuracy, generate_answers, policy_answers
 
         if lm.tokenizer is None:
             raise ValueError(f"model: {label!r} has no tokenizer; the retrieval tasks need one")
         if policies and budget_fraction is None:
             raise ValueError("budget_fraction: the policies need DMS's budget")
+        fractions = (budget_fraction if isinstance(budget_fraction, dict)
+                     else {policy: budget_fraction for policy in policies})
+        if missing := [p for p in policies if p not in fractions]:
+            raise ValueError(f"budget_fraction: expected a fraction for each policy, missing {missing}")
         rows = []
         for task in self.tasks:
             cases = self.cases(lm.tokenizer, base, task, length, lm.config.max_position_embeddings)
@@ -317,9 +340,10 @@ class RetrievalSuite:
             for policy in policies:
                 acc = held = None
                 if ok:
-                    texts, helds = policy_answers(lm, cases, policy, budget_fraction)
+                    texts, helds = policy_answers(lm, cases, policy, fractions[policy])
                     acc, held = accuracy(cases, texts), sum(helds) / len(helds)
-                rows.append(RetrievalRow(policy, label, task, length, len(cases), acc, van, ok, budget_fraction, held))
+                rows.append(RetrievalRow(policy, label, task, length, len(cases), acc, van, ok, fractions[policy],
+                                         held))
         return rows
 
 

@@ -50,6 +50,36 @@ def policy_budget(fraction: float, length: int) -> int:
     return max(2, math.ceil(fraction * length))
 
 
+def policy_reads(policy: str, budget: int, length: int) -> int:
+    """K/V tokens one KV head reads over a teacher-forced sequence of ``length`` under ``policy`` at
+    ``budget``: query ``i`` reads ``min(i + 1, budget)`` keys under StreamingLLM (Quest: about that, its budget
+    in whole pages), ``min(i + 1, budget + 1)`` under TOVA and H2O, which append the query before they evict."""
+    _check(policy, budget)
+    cap = budget + (policy in ("tova", "h2o"))
+    if cap >= length:
+        return length * (length + 1) // 2
+    return cap * (cap + 1) // 2 + (length - cap) * cap
+
+
+def read_budget(policy: str, read_fraction: float, length: int) -> int:
+    """The smallest budget (at least 2) at which ``policy`` reads at least ``read_fraction`` of what dense
+    attention reads over ``length`` tokens (:func:`policy_reads`): the budget that matches a method's
+    KV tokens read, the bytes a decode step moves, where :func:`policy_budget` matches the tokens held."""
+    if not 0.0 < read_fraction <= 1.0:
+        raise ValueError(f"read_fraction: expected a fraction in (0, 1], got {read_fraction!r}")
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length: expected an int >= 1, got {length!r}")
+    target = read_fraction * length * (length + 1) / 2
+    lo, hi = 2, max(2, length)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if policy_reads(policy, mid, length) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def streaming_mask(t: int, budget: int, sinks: int = 4, device=None) -> torch.Tensor:
     """``[T, T]``: the first ``sinks`` keys and the last ``budget - sinks`` before each query (itself included)."""
     sinks = min(sinks, budget - 1)
