@@ -214,7 +214,7 @@ def _base(lm) -> str:
 def run_eval(args) -> int:
     import dms_runtime as dr
 
-    from .evaluate import (MethodRow, RetrievalSuite, compare_methods, fidelity, heldout_sequences, matched_budget,
+    from .evaluate import (MethodRow, RetrievalSuite, compare_methods, fidelity, heldout_sequences, matched_fraction,
                            mean_informative, passkey_accuracy, vanilla_logits, vartrack_accuracy)
 
     if args.calibrate and not args.retrieval:
@@ -250,7 +250,7 @@ def run_eval(args) -> int:
                     new_rows = new_rows[1:]
             if suite is not None:
                 ret_rows += suite.run(lm, n, label, _base(lm), policies=args.policy,
-                                      budget_fraction={p: matched_budget(p, args.match, row, n) / n
+                                      budget_fraction={p: matched_fraction(p, args.match, row, n)
                                                        for p in args.policy})
                 for r in new_rows:
                     r.retrieval_accuracy = mean_informative(ret_rows, r.method, r.model, n)

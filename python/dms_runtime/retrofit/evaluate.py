@@ -204,6 +204,14 @@ def matched_budget(policy: str, match: str, dms_row: FidelityRow, length: int) -
     raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
 
 
+def matched_fraction(policy: str, match: str, dms_row: FidelityRow, length: int) -> float:
+    """:func:`matched_budget` as a fraction of ``length``, for prompts of other lengths (retrieval cases):
+    DMS's peak held fraction itself for ``"held"``."""
+    if match == "held":
+        return dms_row.peak_live_fraction
+    return matched_budget(policy, match, dms_row, length) / length
+
+
 def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_trials: int = 0,
                     label: str = "dms", seed: int = 1234, vanilla: list[torch.Tensor] | None = None,
                     match: str = "held") -> tuple[FidelityRow, list[MethodRow]]:
