@@ -117,3 +117,15 @@ def test_ship_retrofit_to_a_folder_keeps_the_adapter_and_rounds_the_update(tmp_p
     save_file({**weights, "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8)}, str(run / "dms_weights.safetensors"))
     with pytest.raises(SystemExit, match="never ship the base"):
         bench("ship_retrofit").main([str(run), "label", "--to", str(tmp_path / "bad")])
+
+
+def test_checkpoint_layers_bench_measures_the_same_step_both_ways(tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    bench("checkpoint_layers").main(["--model", str(tiny_with_tokenizer), "--init-from", "", "--lora-rank", "2",
+                                     "--seq-len", "24", "40", "--plain-up-to", "24", "--steps", "2",
+                                     "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["seq_len"], r["checkpoint_layers"]) for r in rows] == [(24, False), (24, True), (40, True)]
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)  # the same steps, plain or checkpointed
+    assert all(r["peak_rss_gib"] >= r["rss_after_load_gib"] > 0 and len(r["seconds_per_step"]) == 2 for r in rows)
+    assert "checkpointed" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dms_kernels import reference as ref
+from dms_runtime import validation as V
 from dms_runtime.models import load_model
 from dms_runtime.retrofit import (RetrofitConfig, Retrofitter, TrainingAttention, compression_target,
                                   distillation_kl)
@@ -179,3 +180,55 @@ def test_adapter_logits_stay_float32_under_bf16_autocast():
     want = ref.adapter_eviction_logits(hidden, norm_w, proj_w)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_a_layer_run_again_reuses_its_noise_and_replaces_its_decisions():
+    """What activation checkpointing needs of the training backend: the same layer twice gives the
+    same output, and the hard decisions hold one entry per layer, in layer order."""
+    q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)
+    att = TrainingAttention(2, 0.5, torch.Generator().manual_seed(1))
+    first = att.attend(3, q, k, v, torch.randn(1, 1, 6))
+    logits = torch.randn(1, 1, 6)
+    other = att.attend(1, q, k, v, logits)
+    torch.testing.assert_close(att.attend(1, q, k, v, logits), other, rtol=0, atol=0)
+    assert len(att.hard) == 2 and att.hard[1] is att._hard[3]
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_checkpointed_layers_train_the_same_steps_and_keep_less_for_backward(adapter_model, autocast):
+    ids, lengths = torch.randint(0, 131, (2, 40)), torch.tensor([40, 29])
+    cfg = dict(final_cr=4, steps_per_cr=2, window=3, lr=0.05, warmup_steps=1, seed=4, autocast_bf16=autocast)
+    runs = {}
+    for ckpt in (False, True):
+        model, _ = load_model(adapter_model)
+        tr = Retrofitter(model, RetrofitConfig(**cfg, checkpoint_layers=ckpt))
+        assert model.checkpoint_layers is ckpt
+        runs[ckpt] = model, [tr.step(ids, lengths) for _ in range(3)]
+    (plain, logs), (ckpt, logs_c) = runs[False], runs[True]
+    for a, b in zip(logs, logs_c):
+        for key in ("loss", "kl", "compression_loss", "evicted_fraction", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert logs[-1]["evicted_fraction"] > 0  # the adapter moved, so the equality above says something
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+    def saved_bytes(model):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        pos = torch.arange(40).expand(2, 40)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, pos, TrainingAttention(3, 0.1, torch.Generator().manual_seed(0), lengths))
+        return total[0]
+
+    assert saved_bytes(ckpt) < 0.5 * saved_bytes(plain)
+    with torch.no_grad():  # no recording, no recomputation: the plain forward
+        pos = torch.arange(40).expand(2, 40)
+        torch.testing.assert_close(ckpt(ids, pos, TrainingAttention(3, 0.1, torch.Generator().manual_seed(0))),
+                                   plain(ids, pos, TrainingAttention(3, 0.1, torch.Generator().manual_seed(0))))
+    with pytest.raises(V.SettingTypeError, match="checkpoint_layers"):
+        RetrofitConfig(checkpoint_layers="yes")

@@ -51,9 +51,11 @@ def test_retrofit_cli_lora(tiny_with_tokenizer, tmp_path, capsys):
     # --init-from a LoRA retrofit continues its update (rank, alpha, targets) without the flags
     on = tmp_path / "continued"
     assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(on), "--init-from", str(out), "--cr-start", "2",
-                 "--cr", "2", "--window", "4", "--seq-len", "32", "--batch", "1", "--data", "synthetic", "--steps", "1"]) == 0
+                 "--cr", "2", "--window", "4", "--seq-len", "32", "--batch", "1", "--data", "synthetic", "--steps", "1",
+                 "--checkpoint-layers"]) == 0
     again = json.loads((on / "dms_config.json").read_text())
     assert (again["dms_lora_rank"], again["dms_lora_alpha"], again["dms_lora_targets"]) == (2, 4.0, ["v_proj", "up_proj"])
+    assert again["retrofit"]["checkpoint_layers"] is True and settings["retrofit"]["checkpoint_layers"] is False
     capsys.readouterr()
     assert main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(tmp_path / "bad"), "--lora-rank", "2",
                  "--lora-targets", "w_proj", "--steps", "1"]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dms_kernels import reference as ref
 
@@ -36,11 +37,18 @@ class DecoderBody(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """``forward(input_ids [B, T], positions [B, T], backend) -> logits [B, T', V]``."""
+    """``forward(input_ids [B, T], positions [B, T], backend) -> logits [B, T', V]``.
+
+    ``checkpoint_layers``: when set and autograd is recording, each layer keeps only its input
+    for the backward pass and runs again there (activation checkpointing): a training step's
+    memory then grows with one layer's attention scores, not every layer's. The backend must give
+    the same result when a layer runs twice (``TrainingAttention`` reuses its noise draw).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.checkpoint_layers = False
         self.model = DecoderBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -69,8 +77,12 @@ class DecoderLM(nn.Module):
         sinks = None
         if self.config.dms_active and dms.sink_tokens:
             sinks = ref.sink_mask(positions, dms.sink_tokens)[:, None, :]
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = layer(h, cos, sin, backend, sinks)
+            if recompute:
+                h = checkpoint(layer, h, cos, sin, backend, sinks, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, backend, sinks)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index][:, None]
         return self.lm_head(self.model.norm(h))

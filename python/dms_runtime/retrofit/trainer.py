@@ -40,6 +40,7 @@ class RetrofitConfig:
     init_from: str | None = None  # a retrofit folder or shipped retrofit's name: its DMS weights start this run
     warm_start: int = 0  # sequences the adapter was fitted from before the first step (warm_start.py)
     lora_lr: float = 1e-4  # the learning rate of the LoRA updates (dms_lora_rank > 0), warmed up like lr
+    checkpoint_layers: bool = False  # activation checkpointing: each layer runs again in the backward pass
 
     def __post_init__(self):
         self.final_cr = V.number("final_cr", self.final_cr, 1)
@@ -56,6 +57,7 @@ class RetrofitConfig:
         self.seed = V.integer("seed", self.seed, 0, V.MAX_SEED)
         self.warm_start = V.integer("warm_start", self.warm_start, 0)
         V.boolean("autocast_bf16", self.autocast_bf16)
+        V.boolean("checkpoint_layers", self.checkpoint_layers)
         if self.init_from is not None and not isinstance(self.init_from, (str, Path)):
             raise V.SettingTypeError(f"init_from: expected a retrofit folder, got {self.init_from!r}")
         if self.init_from is not None:
@@ -85,6 +87,7 @@ class Retrofitter:
                              "(the borrowed-neuron variant trains q_proj: use trainable='all')")
         dms.window_size, dms.tau, dms.cr, dms.disable_eviction = config.window, config.tau, config.final_cr, False
         self.model, self.config = model, config
+        model.checkpoint_layers = config.checkpoint_layers
         if config.init_from is not None:
             from ..hub import retrofit_folder
 

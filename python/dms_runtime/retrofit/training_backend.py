@@ -17,6 +17,10 @@ class TrainingAttention:
     ``reference.training_bias`` (only the soft probabilities enter the mask), and the
     straight-through hard decisions kept in ``self.hard`` for the compression loss.
     lengths ``[B]``: real lengths; keys at or past them are masked.
+
+    Each layer draws its noise once per forward: when activation checkpointing
+    (``DecoderLM.checkpoint_layers``) runs a layer again in the backward pass, the second call
+    reuses that draw and replaces the layer's hard decisions instead of adding a layer.
     """
 
     def __init__(self, window: int, tau: float, generator: torch.Generator | None = None,
@@ -24,14 +28,23 @@ class TrainingAttention:
         self.window, self.tau = window, tau
         self.generator = generator
         self.lengths = lengths
-        self.hard: list[torch.Tensor] = []  # per layer [B, Hkv, T]
+        self._hard: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, T]
+        self._noise: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, T]
+
+    @property
+    def hard(self) -> list[torch.Tensor]:
+        """The hard decisions of each layer run so far, in layer order ([B, Hkv, T] each)."""
+        return [self._hard[i] for i in sorted(self._hard)]
 
     def attend(self, layer, q, k, v, logits):
         b, hq, t, d = q.shape
         h = k.shape[1]
         if logits is None:
             raise ValueError("logits: training attention needs a model with DMS eviction on")
-        noise = ref.logistic_noise(logits.shape, generator=self.generator, device=logits.device)
+        noise = self._noise.get(layer)
+        if noise is None:
+            noise = self._noise[layer] = ref.logistic_noise(logits.shape, generator=self.generator,
+                                                            device=logits.device)
         bias = ref.training_bias(logits, self.window, self.tau, noise)  # [B, H, T, T] float32
         if self.lengths is not None:
             pad = torch.arange(t, device=q.device)[None, :] >= self.lengths.to(q.device)[:, None]  # [B, T]
@@ -40,7 +53,7 @@ class TrainingAttention:
         hard = ref.hard_decisions(logits, self.tau, noise)
         if self.lengths is not None:
             hard = hard * (~pad)[:, None, :]
-        self.hard.append(hard)
+        self._hard[layer] = hard
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).repeat_interleave(hq // h, 1),
                                               enable_gqa=hq > h)
 
