@@ -229,6 +229,7 @@ def test_checkpointed_layers_train_the_same_steps_and_keep_less_for_backward(ada
     with torch.no_grad():  # no recording, no recomputation: the plain forward
         pos = torch.arange(40).expand(2, 40)
         torch.testing.assert_close(ckpt(ids, pos, TrainingAttention(3, 0.1, torch.Generator().manual_seed(0))),
-                                   plain(ids, pos, TrainingAttention(3, 0.1, torch.Generator().manual_seed(0))))
+                                   plain(ids, pos, TrainingAttention(3, 0.1, torch.Generator().manual_seed(0))),
+                                   rtol=1e-4, atol=1e-4)  # two models whose weights agree to 1e-5
     with pytest.raises(V.SettingTypeError, match="checkpoint_layers"):
         RetrofitConfig(checkpoint_layers="yes")
