@@ -166,6 +166,38 @@ def test_training_updates_lora_and_adapter_keeps_base_and_loads_back(folder, tmp
         Retrofitter(without, cfg).resume(out)
 
 
+def test_decay_lowers_each_groups_rate_linearly_over_the_last_steps_and_resume_keeps_the_schedule(folder, tmp_path):
+    # warm-up 2, decay 3 of 6 steps: factors 1/2, 1, 1, 1, 2/3, 1/3 of each group's own rate
+    cfg = RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=0.02, lora_lr=0.01, warmup_steps=2, seed=1,
+                         decay_steps=3, total_steps=6)
+    factors = [0.5, 1, 1, 1, 2 / 3, 1 / 3]
+    model, _ = load_model(folder, dms={"dms_lora_rank": 2})
+    tr = Retrofitter(model, cfg)
+    ids = torch.randint(0, 131, (1, 12))
+    seen = []
+    for i in range(4):
+        rec = tr.step(ids)
+        seen.append([g["lr"] for g in tr.opt.param_groups])
+        assert rec["lr"] == pytest.approx(0.02 * factors[i])
+    out = tr.save(tmp_path / "run")
+    assert json.loads((out / "dms_config.json").read_text())["retrofit"]["decay_steps"] == 3
+    again, _ = load_model(folder, dms={"dms_lora_rank": 2})
+    tr = Retrofitter(again, cfg)
+    tr.resume(out)  # steps 5 and 6 go on down the same line
+    for _ in range(2):
+        tr.step(ids)
+        seen.append([g["lr"] for g in tr.opt.param_groups])
+    for got, f in zip(seen, factors, strict=True):
+        assert got == pytest.approx([0.02 * f, 0.01 * f])
+    plain = Retrofitter(load_model(folder, dms={"dms_lora_rank": 2})[0],
+                        RetrofitConfig(final_cr=2, steps_per_cr=2, window=2, lr=0.02, warmup_steps=2, total_steps=6))
+    assert [plain.lr_at(s) for s in range(6)] == pytest.approx([0.01] + [0.02] * 5)  # no decay: constant
+    with pytest.raises(ValueError, match="decay_steps: expected at most total_steps=None .*got 3"):
+        RetrofitConfig(decay_steps=3)
+    with pytest.raises(ValueError, match="decay_steps: expected at most total_steps=2 .*got 3"):
+        RetrofitConfig(decay_steps=3, total_steps=2)
+
+
 @pytest.mark.parametrize("backend", ["paged", "oracle"])
 def test_generate_equals_the_full_sequence_forward_with_an_update(folder, backend):
     lm = dr.load(folder, dms={"dms_lora_rank": 3}, merge_lora=False)

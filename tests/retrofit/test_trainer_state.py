@@ -139,3 +139,12 @@ def test_retrofit_out_is_not_overwritten_by_accident(tiny_with_tokenizer, tmp_pa
     log = (out / "log.jsonl").read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["step"] == 1  # a new run, not appended to the old log
     assert not list(out.glob(".*tmp*"))
+
+
+def test_the_cli_refuses_a_decay_longer_than_the_run(tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["retrofit", "-m", str(tiny_with_tokenizer), "--out", str(out), "--window", "4", "--seq-len", "16",
+               "--batch", "1", "--data", "synthetic", "--cr", "2", "--steps", "2", "--decay", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--decay: expected at most --steps=2, got 3" in err and "Traceback" not in err, err
+    assert not out.exists()  # refused before the folder is made

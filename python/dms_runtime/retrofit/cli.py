@@ -82,6 +82,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=cli_float(0, lo_open=True), default=3e-5,
                    help="AdamW learning rate (the logit scale of 100 makes 1e-3 diverge; see the shipped recipes)")
     p.add_argument("--warmup", type=cli_int(0), default=20)
+    p.add_argument("--decay", type=cli_int(0), default=0, metavar="STEPS",
+                   help="the last STEPS of --steps lower every learning rate linearly toward zero (warm-up, "
+                        "stable, decay; 0: constant after the warm-up)")
     p.add_argument("--clip", type=cli_float(0, lo_open=True), default=1.0)
     p.add_argument("--seq-len", type=cli_int(2, MAX_TOKENS), default=1024)
     p.add_argument("--batch", type=cli_int(1, MAX_SEQS), default=4, help="sequences per step and per process")
@@ -343,6 +346,8 @@ def run(args) -> int:
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if args.cr_start > args.cr:
         raise UserError(f"--cr-start: expected at most --cr={args.cr}, got {args.cr_start}")
+    if args.decay > args.steps:
+        raise UserError(f"--decay: expected at most --steps={args.steps}, got {args.decay}")
     if args.warm_start and args.init_from is not None:
         raise UserError("--warm-start: the adapter comes from --init-from already; give one of them")
     if args.warm_start and args.variant != "adapter":
@@ -372,7 +377,7 @@ def run(args) -> int:
                          init_from=args.init_from, window=args.window, tau=args.tau, lr=args.lr,
                          warmup_steps=args.warmup, clip=args.clip, trainable=args.trainable, seed=args.seed,
                          autocast_bf16=args.autocast_bf16, warm_start=args.warm_start, lora_lr=args.lora_lr,
-                         checkpoint_layers=args.checkpoint_layers)
+                         checkpoint_layers=args.checkpoint_layers, decay_steps=args.decay, total_steps=args.steps)
     out.mkdir(parents=True, exist_ok=True)
     cache = None
     if args.teacher_cache is not None:

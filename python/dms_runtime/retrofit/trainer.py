@@ -41,6 +41,8 @@ class RetrofitConfig:
     warm_start: int = 0  # sequences the adapter was fitted from before the first step (warm_start.py)
     lora_lr: float = 1e-4  # the learning rate of the LoRA updates (dms_lora_rank > 0), warmed up like lr
     checkpoint_layers: bool = False  # activation checkpointing: each layer runs again in the backward pass
+    decay_steps: int = 0  # the last decay_steps of total_steps lower every learning rate linearly toward zero
+    total_steps: int | None = None  # the run's length in steps (needed by decay_steps)
 
     def __post_init__(self):
         self.final_cr = V.number("final_cr", self.final_cr, 1)
@@ -58,6 +60,12 @@ class RetrofitConfig:
         self.warm_start = V.integer("warm_start", self.warm_start, 0)
         V.boolean("autocast_bf16", self.autocast_bf16)
         V.boolean("checkpoint_layers", self.checkpoint_layers)
+        self.decay_steps = V.integer("decay_steps", self.decay_steps, 0)
+        if self.total_steps is not None:
+            self.total_steps = V.integer("total_steps", self.total_steps, 0)
+        if self.decay_steps and (self.total_steps is None or self.decay_steps > self.total_steps):
+            raise ValueError(f"decay_steps: expected at most total_steps={self.total_steps} (the run's length), "
+                             f"got {self.decay_steps}")
         if self.init_from is not None and not isinstance(self.init_from, (str, Path)):
             raise V.SettingTypeError(f"init_from: expected a retrofit folder, got {self.init_from!r}")
         if self.init_from is not None:
@@ -121,10 +129,14 @@ class Retrofitter:
         self.log_path = Path(log_path) if log_path else None
 
     def lr_at(self, step: int, base: float | None = None) -> float:
-        """The learning rate at ``step``: ``base`` (default ``lr``) after a linear warm-up."""
-        base = self.config.lr if base is None else base
-        warm = self.config.warmup_steps
-        return base * min(1.0, (step + 1) / warm) if warm else base
+        """The learning rate of step ``step`` (0-based): ``base`` (default ``lr``) after a linear warm-up,
+        and over the last ``decay_steps`` of ``total_steps`` falling linearly, to ``base / decay_steps``
+        on the last step (warm-up, stable, decay)."""
+        cfg = self.config
+        base = cfg.lr if base is None else base
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        decay = min(1.0, max(0, cfg.total_steps - step) / cfg.decay_steps) if cfg.decay_steps else 1.0
+        return base * warm * decay
 
     def step(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> dict:
         t0 = time.perf_counter()
