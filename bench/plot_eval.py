@@ -96,12 +96,14 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(mrows: list[MethodRow], rrows: list[RetrievalRow]) -> str:
-    lines = ["| length | method | model | KV held | KV read | KL / token | greedy agreement | retrieval |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| length | method | model | KV held | KV read | KL / token | greedy agreement | retrieval | "
+             "agreement - DMS, points [95%] |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in sorted(mrows, key=lambda m: (m.length, m.model, m.method != "vanilla", m.method != "dms")):
+        gap = "-" if m.agreement_gap is None else "{:+.2f} [{:+.2f}, {:+.2f}]".format(*(100 * g for g in m.agreement_gap))
         lines.append(f"| {m.length} | {NAMES.get(m.method, m.method)} | {m.model if m.method != 'vanilla' else ''} | "
                      f"{m.held_fraction:.3f} | {m.read_fraction:.3f} | {m.kl_per_token:.3f} | "
-                     f"{100 * m.greedy_agreement:.1f}% | {_pct(m.retrieval_accuracy)} |")
+                     f"{100 * m.greedy_agreement:.1f}% | {_pct(m.retrieval_accuracy)} | {gap} |")
     lines += ["", "| task | length | cases | method | model | accuracy | vanilla | informative | KV held |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rrows, key=lambda r: (r.task, r.length, r.model, r.method != "vanilla", r.method != "dms")):

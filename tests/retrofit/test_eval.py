@@ -95,6 +95,50 @@ def test_compare_methods_puts_policies_at_the_dms_budget(tiny_with_tokenizer):
         assert by[name].kl_per_token > 0 and 0 <= by[name].passkey_accuracy <= 1
     assert by["quest"].held_fraction == 1.0 and by["quest"].read_fraction < 1.0
     assert all(r.budget == budget for r in rows[2:])
+    assert by["vanilla"].kl_gap is None and by["dms"].agreement_gap is None
+    for r in rows[2:]:  # one text: the paired gap's mean is the difference of the means
+        assert r.kl_gap[0] == pytest.approx(r.kl_per_token - dms_row.kl_per_token, abs=1e-6)
+        assert r.agreement_gap[0] == pytest.approx(r.greedy_agreement - dms_row.greedy_agreement, abs=1e-6)
+        assert r.kl_gap[1] <= r.kl_gap[0] <= r.kl_gap[2] and r.agreement_gap[1] <= r.agreement_gap[0] <= r.agreement_gap[2]
+
+
+def test_paired_gap_on_hand_made_scores():
+    from dms_runtime.retrofit.evaluate import paired_gap
+
+    a = [torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0])]
+    assert paired_gap(a, a) == [0.0, 0.0, 0.0]
+    # a constant shift on every position: the gap is the shift, whatever blocks are drawn
+    gap = paired_gap(a, [t + 0.25 for t in a], block=2)
+    assert gap == pytest.approx([0.25, 0.25, 0.25])
+    # the mean runs over positions, not texts: 6 positions, 3 of them one higher
+    assert paired_gap(a, [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])])[0] == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="other"):
+        paired_gap(a, a[:1])
+    with pytest.raises(ValueError, match="other"):
+        paired_gap(a, [a[0], torch.ones(3)])
+    with pytest.raises(ValueError, match="block"):
+        paired_gap(a, a, block=0)
+
+
+def test_paired_gap_interval_covers_the_truth_and_narrows_with_more_positions():
+    from dms_runtime.retrofit.evaluate import paired_gap
+
+    # agreement-like scores: base right on 90% of positions, other flips 10% of them at random, so
+    # the expected gap is 0.1 * (0.1 - 0.9) = -0.08; 95% intervals must hold it nearly always
+    g = torch.Generator().manual_seed(0)
+    widths, covered = [], 0
+    for trial in range(20):
+        base = [(torch.rand(2048, generator=g) < 0.90).float() for _ in range(2)]
+        other = [torch.where(torch.rand(2048, generator=g) < 0.1, 1 - b, b) for b in base]
+        gap, low, high = paired_gap(base, other, resamples=500, seed=trial)
+        assert gap == pytest.approx(sum((o - b).sum().item() for b, o in zip(base, other)) / 4096)
+        covered += low <= -0.08 <= high
+        widths.append(high - low)
+    assert covered >= 17
+    assert 0.01 < sum(widths) / len(widths) < 0.03  # about 4 standard errors of sqrt(0.1 / 4096)
+    short = paired_gap([base[0][:256]], [other[0][:256]], resamples=500)  # 16x fewer positions: 4x wider
+    assert short[2] - short[1] > 2.5 * sum(widths) / len(widths)
+
 
 
 def test_compare_methods_can_match_the_dms_reads(tiny_with_tokenizer):
@@ -120,4 +164,7 @@ def test_eval_cli_policies_table_and_plot(tiny_with_tokenizer, capsys, tmp_path)
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "streaming" in out and "quest" in out and "budget" in out
+    assert "agreement - DMS, points [95%]" in out
+    streaming_line = next(line for line in out.splitlines() if line.strip().startswith("streaming |"))
+    assert streaming_line.count("[") == 2  # its paired gaps to DMS, on KL and on agreement
     assert f"{tiny_with_tokenizer.name} w3 s2" in out  # the settings given are part of the model's name

@@ -22,7 +22,8 @@ def _retrieval(method, model, task, length, acc, van):
 
 def test_runs_split_by_task_merge_into_one_retrieval_score(tmp_path):
     a = {"fidelity": [], "methods": [_method("vanilla", "m", 64, 0.0, 1.0), _method("dms", "m", 64, 0.1, 0.5),
-                                     _method("h2o", "m", 64, 0.2, 0.0)],
+                                     {**_method("h2o", "m", 64, 0.2, 0.0), "kl_gap": [0.1, 0.05, 0.15],
+                                      "agreement_gap": [-0.1, -0.125, -0.075]}],
          "retrieval": [_retrieval("vanilla", "m", "passkey", 64, 1.0, 1.0), _retrieval("dms", "m", "passkey", 64, 0.5, 1.0),
                        _retrieval("h2o", "m", "passkey", 64, 0.0, 1.0)]}
     b = {"fidelity": [], "methods": [_method("vanilla", "m", 64, 0.0, 0.9), _method("dms", "m", 64, 0.7, 1.0)],
@@ -36,9 +37,9 @@ def test_runs_split_by_task_merge_into_one_retrieval_score(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     # fidelity from the first file; retrieval: the mean over the informative tasks of both (vartrack left out)
-    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 75% |" in lines
-    assert "| 64 | vanilla |  | 1.000 | 1.000 | 0.000 | 100.0% | 95% |" in lines
-    assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 0% |" in lines
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 75% | - |" in lines
+    assert "| 64 | vanilla |  | 1.000 | 1.000 | 0.000 | 100.0% | 95% | - |" in lines
+    assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 0% | -10.00 [-12.50, -7.50] |" in lines
     assert "| vartrack | 64 | 4 | DMS | m | - | 25% | no | - |" in lines
     assert plot.read_bytes()[:4] == b"\x89PNG"
     # the same model run again with another setting, renamed on the command line: a row of its own
@@ -46,8 +47,8 @@ def test_runs_split_by_task_merge_into_one_retrieval_score(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "a.json"),
                           f"{tmp_path / 'w.json'}=m w256"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 50% |" in run.stdout.splitlines()
-    assert "| 64 | DMS | m w256 | 0.200 | 0.300 | 0.050 | 95.0% | - |" in run.stdout.splitlines()
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 50% | - |" in run.stdout.splitlines()
+    assert "| 64 | DMS | m w256 | 0.200 | 0.300 | 0.050 | 95.0% | - | - |" in run.stdout.splitlines()
     (tmp_path / "bad.json").write_text("[]")
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), str(tmp_path / "bad.json")],
                          capture_output=True, text=True, timeout=300)
@@ -74,14 +75,14 @@ def test_case_by_case_runs_become_retrieval_rows(tmp_path):
     run = subprocess.run(script + files, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
-    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 40% |" in lines
-    assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 20% |" in lines
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | 40% | - |" in lines
+    assert "| 64 | H2O | m | 0.200 | 0.300 | 0.200 | 80.0% | 20% | - |" in lines
     assert "| passkey | 64 | 5 | DMS | m | 40% | 80% | yes | 0.150 |" in lines
     assert "| passkey | 64 | 5 | DMS | m w256 s4 | 60% | 80% | yes | 0.200 |" in lines
     # vanilla under the threshold: the task is uninformative and stays out of the methods' score
     _cases(tmp_path / "van.jsonl", "vanilla", [1, 1, 1, 0, 0], held=1.0)
     run = subprocess.run(script + files, capture_output=True, text=True, timeout=300)
-    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | - |" in run.stdout.splitlines()
+    assert "| 64 | DMS | m | 0.200 | 0.300 | 0.100 | 90.0% | - | - |" in run.stdout.splitlines()
     assert "| passkey | 64 | 5 | DMS | m | 40% | 60% | no | 0.150 |" in run.stdout.splitlines()
     # an unfinished run, another run's lines, no vanilla: refused by name
     _cases(tmp_path / "part.jsonl", "dms", [1, 0])

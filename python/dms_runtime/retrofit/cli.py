@@ -289,13 +289,17 @@ def run_eval(args) -> int:
     if args.policy or (suite is not None and method_rows):
         print()
         print(f"{'method':>10} | {'model':>28} | {'length':>6} | {'budget':>6} | {'KL/token':>9} | {'greedy agree':>12} | "
-              f"{'peak held':>9} | {'KV read':>7} | passkey (forced) | retrieval (generation, informative tasks)")
+              f"{'peak held':>9} | {'KV read':>7} | passkey (forced) | retrieval (generation, informative tasks) | "
+              f"{'KL - DMS [95%]':>26} | agreement - DMS, points [95%]")
         for r in method_rows:
             acc = "-" if r.passkey_accuracy is None else f"{r.passkey_accuracy:.2f}"
             ret = "-" if r.retrieval_accuracy is None else f"{r.retrieval_accuracy:.2f}"
+            kl_gap = "-" if r.kl_gap is None else "{:+.5f} [{:+.5f}, {:+.5f}]".format(*r.kl_gap)
+            agree_gap = "-" if r.agreement_gap is None else "{:+.2f} [{:+.2f}, {:+.2f}]".format(
+                *(100 * g for g in r.agreement_gap))
             print(f"{r.method:>10} | {r.model:>28} | {r.length:>6} | {r.budget if r.budget else '-':>6} | "
                   f"{r.kl_per_token:>9.5f} | {r.greedy_agreement:>12.3f} | {r.held_fraction:>9.3f} | "
-                  f"{r.read_fraction:>7.3f} | {acc:>16} | {ret}")
+                  f"{r.read_fraction:>7.3f} | {acc:>16} | {ret:>41} | {kl_gap:>26} | {agree_gap}")
     if ret_rows:
         print()
         print(f"retrieval by greedy generation ({args.retrieval_cases} cases per point; uninformative: vanilla "

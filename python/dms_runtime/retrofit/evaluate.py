@@ -26,7 +26,7 @@ from dms_kernels import reference as ref
 from ..models.full_sequence import FullSequenceAttention
 from .training_backend import eviction_off
 from .data import pack, passkey_task, stdlib_documents, variable_tracking_task
-from .losses import distillation_kl
+from .losses import token_kl
 from .retrieval import CALIBRATION
 
 
@@ -62,6 +62,39 @@ def heldout_sequences(lm, length: int, sequences: int, seed: int = 1234) -> list
     raise ValueError(f"length: the held-out text holds fewer than {sequences} sequences of {length} tokens")
 
 
+def token_scores(logits: torch.Tensor, vanilla: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of one text (``[1, T, V]`` logits each): KL(model || vanilla) and 1.0 where the
+    greedy tokens agree, each ``[T]``."""
+    return token_kl(logits, vanilla)[0], (logits.argmax(-1) == vanilla.argmax(-1))[0].float()
+
+
+GAP_BLOCK = 128  # positions per bootstrap block: next-token errors cluster over a few dozen tokens
+GAP_RESAMPLES = 2000
+
+
+def paired_gap(base: list[torch.Tensor], other: list[torch.Tensor], block: int = GAP_BLOCK,
+               resamples: int = GAP_RESAMPLES, seed: int = 0) -> list[float]:
+    """``[gap, low, high]``: the mean over every position of every text of ``other - base`` (per-position
+    scores of two methods on the same texts), and its 95% interval from a bootstrap that resamples
+    blocks of ``block`` consecutive positions (within a text) with replacement, ``resamples`` times."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"other: expected one score tensor per text of base ({len(base)}), got {len(other)}")
+    if block < 1 or resamples < 1:
+        raise ValueError(f"block/resamples: expected >= 1, got {block} and {resamples}")
+    sums, counts = [], []
+    for a, b in zip(base, other):
+        if a.shape != b.shape or a.dim() != 1:
+            raise ValueError(f"other: expected a [T] tensor of base's shape {tuple(a.shape)}, got {tuple(b.shape)}")
+        for chunk in (b.double() - a.double()).split(block):
+            sums.append(chunk.sum())
+            counts.append(chunk.numel())
+    sums, counts = torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
+    pick = torch.randint(len(sums), (resamples, len(sums)), generator=torch.Generator().manual_seed(seed))
+    boot = sums[pick].sum(1) / counts[pick].sum(1)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [float(sums.sum() / counts.sum()), low, high]
+
+
 def forward_ids(model, ids: list[int], backend) -> torch.Tensor:
     """One teacher-forced pass of token ids ``ids`` (positions from 0) through ``model`` with the
     attention ``backend``: the logits ``[1, T, V]``."""
@@ -76,10 +109,11 @@ def vanilla_logits(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234, vanilla: list[torch.Tensor] | None = None
-             ) -> FidelityRow:
+def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234, vanilla: list[torch.Tensor] | None = None,
+             scores: list | None = None) -> FidelityRow:
     """Compare the model with eviction on and off on ``sequences`` stdlib texts of ``length`` tokens
-    (``vanilla``: the eviction-off logits of :func:`heldout_sequences`, when already computed)."""
+    (``vanilla``: the eviction-off logits of :func:`heldout_sequences`, when already computed; ``scores``:
+    a list that receives each text's per-position :func:`token_scores`)."""
     model, cfg = lm.model, lm.config
     if not cfg.dms_active:
         raise ValueError("model: fidelity needs a DMS model with eviction on")
@@ -90,9 +124,11 @@ def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234, vanilla: lis
     w = cfg.dms.window_size
     for s, van in zip(seqs, vanilla):
         backend = FullSequenceAttention(cfg.dms.window_size, record=True)
-        dms = forward_ids(model, s, backend)
-        kls.append(distillation_kl(dms, van).item())
-        agree.append((dms.argmax(-1) == van.argmax(-1)).float().mean().item())
+        kl, hit = token_scores(forward_ids(model, s, backend), van)
+        kls.append(kl.mean().item())
+        agree.append(hit.mean().item())
+        if scores is not None:
+            scores.append((kl, hit))
         held_over_time = 0
         for layer in range(cfg.num_layers):
             d = backend.decisions[layer]  # [1, H, T]
@@ -173,6 +209,9 @@ class MethodRow:
     read_fraction: float  # K/V tokens read by all queries / dense
     passkey_accuracy: float | None = None  # teacher-forced exact answers
     retrieval_accuracy: float | None = None  # greedy generation, mean over the tasks where vanilla is informative
+    # a policy's [gap, low, high] to DMS on the same positions (policy - DMS, 95% interval; paired_gap)
+    kl_gap: list[float] | None = None
+    agreement_gap: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,7 +256,8 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
                     match: str = "held") -> tuple[FidelityRow, list[MethodRow]]:
     """Vanilla, DMS, and each policy at DMS's budget: its peak KV tokens held per layer and head
     (``match="held"``) or its KV tokens read (``"read"``, :func:`matched_budget`); also DMS's
-    :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known)."""
+    :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known). Each
+    policy's row carries its :func:`paired_gap` to DMS on KL and on agreement."""
     from .policies import PolicyAttention
 
     if match not in MATCHES:
@@ -225,7 +265,8 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
     model, cfg = lm.model, lm.config
     seqs = heldout_sequences(lm, length, sequences, seed)
     vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
-    dms_row = fidelity(lm, length, sequences, seed, vanilla=vanilla)
+    dms_scores = []
+    dms_row = fidelity(lm, length, sequences, seed, vanilla=vanilla, scores=dms_scores)
     tasks = []
     if passkey_trials:
         prompts, answers = task_prompts(lm, length, lambda n, rng: passkey_task(n, rng), passkey_trials, 99)
@@ -248,17 +289,19 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
     dense_reads = cfg.num_layers * cfg.num_kv_heads * length * (length + 1) / 2
     for policy in policies:
         budget = matched_budget(policy, match, dms_row, length)
-        kls, agree, held, reads = [], [], 0.0, 0.0
+        scores, held, reads = [], 0.0, 0.0
         with torch.inference_mode(), eviction_off(model):
             for s, van in zip(seqs, vanilla):
                 backend = PolicyAttention(policy, budget)
-                out = forward_ids(model, s, backend)
-                kls.append(distillation_kl(out, van).item())
-                agree.append((out.argmax(-1) == van.argmax(-1)).float().mean().item())
+                scores.append(token_scores(forward_ids(model, s, backend), van))
                 held = max(held, backend.held_peak / dense_held)
                 reads += backend.reads / dense_reads / len(seqs)
-        rows.append(MethodRow(policy, label, length, budget, sum(kls) / len(kls), sum(agree) / len(agree), held,
-                              reads, accuracy(lambda: PolicyAttention(policy, budget), evict=False)))
+        kl_mean = sum(kl.mean().item() for kl, _ in scores) / len(scores)
+        agree_mean = sum(hit.mean().item() for _, hit in scores) / len(scores)
+        rows.append(MethodRow(policy, label, length, budget, kl_mean, agree_mean, held, reads,
+                              accuracy(lambda: PolicyAttention(policy, budget), evict=False),
+                              kl_gap=paired_gap([kl for kl, _ in dms_scores], [kl for kl, _ in scores]),
+                              agreement_gap=paired_gap([h for _, h in dms_scores], [h for _, h in scores])))
     return dms_row, rows
 
 
