@@ -7,7 +7,9 @@ the same held-out texts and prints, per method, the per-token KL's quantiles, th
 total KL carried by the worst 1% / 5% of tokens, greedy agreement where vanilla is confident
 (top-1 probability >= 0.9) and where it is not, and how confident vanilla was at the tokens a
 method gets wrong, and KL and agreement split at the budget: a heuristic with a fixed budget holds
-every key until the text is that long, so its tokens before that point are exact.
+every key until the text is that long, so its tokens before that point are exact. Each policy's
+agreement and KL after the budget fills also come as a paired gap to DMS's on the same positions (policy
+minus DMS) with the 95% block-bootstrap interval of ``dms eval``.
 
     .venv/bin/python bench/error_profile.py -m smollm2-135m-instruct-dms-cr8 --length 2048 --sequences 4 \
         --policy h2o --json bench/results/....json
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from dms_runtime import load
 from dms_runtime.validation import add_dms_overrides, dms_overrides
 from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.retrofit.evaluate import forward_ids, fidelity, heldout_sequences, vanilla_logits
+from dms_runtime.retrofit.evaluate import forward_ids, fidelity, heldout_sequences, paired_gap, vanilla_logits
 from dms_runtime.retrofit.losses import token_kl
 from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budget
 from dms_runtime.retrofit.training_backend import eviction_off
@@ -92,6 +94,11 @@ def main(argv=None) -> None:
         kl, wrong = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         rows.append({"method": method, "model": a.model, "length": a.length, "sequences": a.sequences,
                      "budget": budget, "held_fraction": row.peak_live_fraction, **profile(kl, wrong, top, filled)})
+        if method != "dms" and budget < a.length:  # after the fill, position by position against DMS
+            rows[-1]["kl_gap_after_budget"] = paired_gap([x[budget:] for x, _ in per["dms"]],
+                                                         [x[budget:] for x, _ in parts])
+            rows[-1]["agreement_gap_after_budget"] = paired_gap([(~y[budget:]).float() for _, y in per["dms"]],
+                                                                [(~y[budget:]).float() for _, y in parts])
     cols = ["method", "kl_mean", "kl_p50", "kl_p90", "kl_p99", "kl_share_worst_1pct", "kl_share_worst_5pct",
             "agreement", "agreement_vanilla_confident", "agreement_vanilla_unsure", "wrong_where_vanilla_confident",
             "kl_mean_before_budget", "kl_mean_after_budget", "agreement_before_budget", "agreement_after_budget"]
@@ -102,6 +109,11 @@ def main(argv=None) -> None:
     for r in rows:
         print("| " + " | ".join(r[c] if isinstance(r[c], str) else "-" if r[c] is None else f"{r[c]:.4g}"
                                 for c in cols) + " |")
+    for r in rows:
+        if "agreement_gap_after_budget" in r:
+            print("{} - DMS after the budget fills: agreement {:+.2f} points [{:+.2f}, {:+.2f}], ".format(
+                r["method"], *(100 * g for g in r["agreement_gap_after_budget"]))
+                + "KL {:+.4f} [{:+.4f}, {:+.4f}] (95%)".format(*r["kl_gap_after_budget"]))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
 

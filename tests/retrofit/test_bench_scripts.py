@@ -72,6 +72,19 @@ def test_error_profile_on_hand_made_tokens():
     assert prof(kl, wrong, top1, torch.ones(100, dtype=torch.bool))["agreement_before_budget"] is None
 
 
+def test_error_profile_gap_after_the_fill_is_the_difference_there(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "e.json"
+    bench("error_profile").main(["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", "0",
+                                 "--length", "48", "--sequences", "2", "--policy", "h2o", "--json", str(out)])
+    dms, h2o = json.loads(out.read_text())
+    assert "agreement_gap_after_budget" not in dms and h2o["budget"] < 48
+    gap, low, high = h2o["agreement_gap_after_budget"]
+    assert gap == pytest.approx(h2o["agreement_after_budget"] - dms["agreement_after_budget"], abs=1e-9)
+    assert low <= gap <= high
+    assert h2o["kl_gap_after_budget"][0] == pytest.approx(h2o["kl_mean_after_budget"] - dms["kl_mean_after_budget"],
+                                                          abs=1e-6)
+
+
 def test_layer_shift_probe_moves_memory_both_ways(tiny_with_tokenizer, tmp_path):
     out = tmp_path / "p.jsonl"
     bench("layer_shift_probe").main(["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--length", "64",
