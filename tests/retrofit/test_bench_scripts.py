@@ -142,3 +142,27 @@ def test_checkpoint_layers_bench_measures_the_same_step_both_ways(tiny_with_toke
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)  # the same steps, plain or checkpointed
     assert all(r["peak_rss_gib"] >= r["rss_after_load_gib"] > 0 and len(r["seconds_per_step"]) == 2 for r in rows)
     assert "checkpointed" in capsys.readouterr().out
+
+
+def test_paired_gaps_one_text_at_a_time_match_dms_eval(tiny_with_tokenizer, tmp_path):
+    from dms_runtime import load
+    from dms_runtime.retrofit.evaluate import compare_methods
+
+    out = tmp_path / "g.json"
+    bench("paired_gaps").main(["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", "0",
+                               "--length", "40", "--sequences", "3", "--policy", "h2o", "tova",
+                               "--blocks", "1", "8", "40", "--json", str(out)])
+    res = json.loads(out.read_text())
+    by = {r["method"]: r for r in res["rows"]}
+    lm = load(tiny_with_tokenizer, dms={"dms_window_size": 3, "dms_initial_alpha_offset": 0.0}, merge_lora=False)
+    dms_row, rows = compare_methods(lm, 40, sequences=3, policies=["h2o", "tova"])
+    assert res["held_fraction"] == pytest.approx(dms_row.peak_live_fraction)
+    for r in rows[1:]:  # the same texts, budget and means as dms eval, one text at a time
+        assert by[r.method]["kl_per_token"] == pytest.approx(r.kl_per_token, abs=1e-6)
+        assert by[r.method]["greedy_agreement"] == pytest.approx(r.greedy_agreement, abs=1e-6)
+    for r in rows[2:]:
+        assert by[r.method]["agreement_gap"]["8"][0] == pytest.approx(r.agreement_gap[0], abs=1e-9)
+        assert sum(by[r.method]["agreement_gap_by_text"]) / 3 == pytest.approx(r.agreement_gap[0], abs=1e-6)
+        whole = by[r.method]["agreement_gap"]["40"]  # resampling whole texts: no wider than the texts' spread
+        assert min(by[r.method]["agreement_gap_by_text"]) - 1e-6 <= whole[1] <= whole[2] <= \
+            max(by[r.method]["agreement_gap_by_text"]) + 1e-6

@@ -110,14 +110,17 @@ def vanilla_logits(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def fidelity(lm, length: int, sequences: int = 2, seed: int = 1234, vanilla: list[torch.Tensor] | None = None,
-             scores: list | None = None) -> FidelityRow:
+             scores: list | None = None, texts: list[list[int]] | None = None) -> FidelityRow:
     """Compare the model with eviction on and off on ``sequences`` stdlib texts of ``length`` tokens
     (``vanilla``: the eviction-off logits of :func:`heldout_sequences`, when already computed; ``scores``:
-    a list that receives each text's per-position :func:`token_scores`)."""
+    a list that receives each text's per-position :func:`token_scores`; ``texts``: score these token
+    sequences of ``length`` instead of the first ``sequences`` held-out ones)."""
     model, cfg = lm.model, lm.config
     if not cfg.dms_active:
         raise ValueError("model: fidelity needs a DMS model with eviction on")
-    seqs = heldout_sequences(lm, length, sequences, seed)
+    if texts is not None and any(len(t) != length for t in texts):
+        raise ValueError(f"texts: expected token sequences of length={length}, got {[len(t) for t in texts]}")
+    seqs = texts if texts is not None else heldout_sequences(lm, length, sequences, seed)
     vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
     kls, agree, live, total = [], [], torch.zeros(cfg.num_layers, dtype=torch.float64), 0
     peak, reads, dense_reads = 0.0, 0.0, 0.0
