@@ -1,7 +1,7 @@
 """How sure a gap between DMS and a heuristic is: paired gaps at several bootstrap block lengths, and by text.
 
 ``dms eval --policy`` reports each policy's KL and greedy agreement minus DMS's on the same positions,
-with a 95% interval from a bootstrap over blocks of 128 positions. That interval is honest only if
+with a 95% interval from a bootstrap over blocks of 512 positions. That interval is honest only if
 blocks that long are nearly independent. This scores DMS and each ``--policy`` (at DMS's peak KV
 held over all the texts, as ``dms eval`` does) on ``--sequences`` held-out texts, one text's logits
 in memory at a time (so many texts fit), and prints the gap's interval for each ``--blocks`` length
@@ -59,8 +59,10 @@ def gaps(per: dict, blocks, length: int) -> list[dict]:
         if method != "dms":
             row["agreement_gap_by_text"] = [(h.mean() - d.mean()).item() for (_, h), (_, d) in zip(parts, dms)]
             row["kl_gap_by_text"] = [(k.mean() - d.mean()).item() for (k, _), (d, _) in zip(parts, dms)]
-            row["agreement_gap"] = {b: paired_gap([d for _, d in dms], [h for _, h in parts], block=b) for b in blocks}
-            row["kl_gap"] = {b: paired_gap([d for d, _ in dms], [k for k, _ in parts], block=b) for b in blocks}
+            row["agreement_gap"] = {b: paired_gap([d for _, d in dms], [h for _, h in parts], block=b, min_blocks=1)
+                                    for b in blocks}
+            row["kl_gap"] = {b: paired_gap([d for d, _ in dms], [k for k, _ in parts], block=b, min_blocks=1)
+                             for b in blocks}
         rows.append(row)
     return rows
 

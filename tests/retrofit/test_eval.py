@@ -112,6 +112,10 @@ def test_paired_gap_on_hand_made_scores():
     assert gap == pytest.approx([0.25, 0.25, 0.25])
     # the mean runs over positions, not texts: 6 positions, 3 of them one higher
     assert paired_gap(a, [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])])[0] == pytest.approx(2 / 6)
+    # one short text and a long block: blocks shrink to leave 8 of them, so the interval is not a point
+    x = torch.arange(40.0) % 3
+    gap, low, high = paired_gap([x], [x.flip(0) * 2], block=512)
+    assert low < gap < high
     with pytest.raises(ValueError, match="other"):
         paired_gap(a, a[:1])
     with pytest.raises(ValueError, match="other"):
@@ -130,13 +134,13 @@ def test_paired_gap_interval_covers_the_truth_and_narrows_with_more_positions():
     for trial in range(20):
         base = [(torch.rand(2048, generator=g) < 0.90).float() for _ in range(2)]
         other = [torch.where(torch.rand(2048, generator=g) < 0.1, 1 - b, b) for b in base]
-        gap, low, high = paired_gap(base, other, resamples=500, seed=trial)
+        gap, low, high = paired_gap(base, other, block=128, resamples=500, seed=trial)
         assert gap == pytest.approx(sum((o - b).sum().item() for b, o in zip(base, other)) / 4096)
         covered += low <= -0.08 <= high
         widths.append(high - low)
     assert covered >= 17
     assert 0.01 < sum(widths) / len(widths) < 0.03  # about 4 standard errors of sqrt(0.1 / 4096)
-    short = paired_gap([base[0][:256]], [other[0][:256]], resamples=500)  # 16x fewer positions: 4x wider
+    short = paired_gap([base[0][:256]], [other[0][:256]], block=16, resamples=500)  # 16x fewer positions: 4x wider
     assert short[2] - short[1] > 2.5 * sum(widths) / len(widths)
 
 
