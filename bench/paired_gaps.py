@@ -48,7 +48,7 @@ def score(lm, length: int, sequences: int, policies) -> tuple[int, float, dict[s
     return budget, peak, per
 
 
-def gaps(per: dict, blocks, length: int) -> list[dict]:
+def gaps(per: dict, blocks) -> list[dict]:
     """Per policy: its means, each text's gap to DMS, and the paired gap with its interval per block length."""
     rows = []
     dms = per["dms"]
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--blocks: expected lengths >= 1, got {blocks}")
     lm = load(a.model, dms=dms_overrides(a) or None, merge_lora=False)
     budget, peak, per = score(lm, a.length, a.sequences, a.policy)
-    rows = gaps(per, blocks, a.length)
+    rows = gaps(per, blocks)
     print(f"{a.model} at {a.length}, {a.sequences} texts; the policies at {budget} tokens per head ({peak:.3f} held)")
     for r in rows:
         print(f"{r['method']:>10}: KL {r['kl_per_token']:.4f}, agreement {100 * r['greedy_agreement']:.2f}%")
