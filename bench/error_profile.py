@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from dms_runtime import load
 from dms_runtime.validation import add_dms_overrides, dms_overrides
-from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.retrofit.evaluate import forward_ids, fidelity, heldout_sequences, paired_gap, vanilla_logits
-from dms_runtime.retrofit.losses import token_kl
+from dms_runtime.retrofit.evaluate import (forward_ids, fidelity, heldout_sequences, paired_gap, token_scores,
+                                           vanilla_logits)
 from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budget
 from dms_runtime.retrofit.training_backend import eviction_off
 
@@ -75,30 +74,27 @@ def main(argv=None) -> None:
     lm = load(a.model, dms=dms_overrides(a) or None)
     seqs = heldout_sequences(lm, a.length, a.sequences)
     vanilla = vanilla_logits(lm, seqs)
-    row = fidelity(lm, a.length, a.sequences, vanilla=vanilla)
-    budget = policy_budget(row.peak_live_fraction, a.length)
     per: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"dms": [], **{x: [] for x in a.policy}}
+    row = fidelity(lm, a.length, a.sequences, vanilla=vanilla, scores=per["dms"])  # (KL, agreement) per position
+    budget = policy_budget(row.peak_live_fraction, a.length)
     top1 = []
     for s, van in zip(seqs, vanilla):
         top1.append(F.softmax(van.float(), -1).amax(-1)[0])
-        out = forward_ids(lm.model, s, FullSequenceAttention(lm.config.dms.window_size))
-        per["dms"].append((token_kl(out, van)[0], (out.argmax(-1) != van.argmax(-1))[0]))
         with eviction_off(lm.model):
             for pol in a.policy:
-                out = forward_ids(lm.model, s, PolicyAttention(pol, budget))
-                per[pol].append((token_kl(out, van)[0], (out.argmax(-1) != van.argmax(-1))[0]))
+                per[pol].append(token_scores(forward_ids(lm.model, s, PolicyAttention(pol, budget)), van))
     top = torch.cat(top1)
     filled = torch.cat([torch.arange(len(x)) >= budget for x in seqs])
     rows = []
     for method, parts in per.items():
-        kl, wrong = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        kl, wrong = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]) == 0
         rows.append({"method": method, "model": a.model, "length": a.length, "sequences": a.sequences,
                      "budget": budget, "held_fraction": row.peak_live_fraction, **profile(kl, wrong, top, filled)})
         if method != "dms" and budget < a.length:  # after the fill, position by position against DMS
             rows[-1]["kl_gap_after_budget"] = paired_gap([x[budget:] for x, _ in per["dms"]],
                                                          [x[budget:] for x, _ in parts])
-            rows[-1]["agreement_gap_after_budget"] = paired_gap([(~y[budget:]).float() for _, y in per["dms"]],
-                                                                [(~y[budget:]).float() for _, y in parts])
+            rows[-1]["agreement_gap_after_budget"] = paired_gap([y[budget:] for _, y in per["dms"]],
+                                                                [y[budget:] for _, y in parts])
     cols = ["method", "kl_mean", "kl_p50", "kl_p90", "kl_p99", "kl_share_worst_1pct", "kl_share_worst_5pct",
             "agreement", "agreement_vanilla_confident", "agreement_vanilla_unsure", "wrong_where_vanilla_confident",
             "kl_mean_before_budget", "kl_mean_after_budget", "agreement_before_budget", "agreement_after_budget"]
