@@ -11,6 +11,13 @@ narrow it.
 
     .venv/bin/python bench/paired_gaps.py -m smollm2-135m-instruct-dms-cr8 --length 2048 --sequences 16 \\
         --policy streaming tova h2o --json bench/results/....json
+
+Many texts: runs over disjoint ranges (``--skip``) at one ``--budget`` (the policies' KV tokens per head,
+e.g. the first run's), each saving after every text, then ``--merge`` (intervals resample whole texts):
+
+    .venv/bin/python bench/paired_gaps.py -m ... --length 2048 --skip 16 --sequences 62 --budget 364 \\
+        --policy streaming tova h2o --blocks 512 2048 --json part2.json
+    .venv/bin/python bench/paired_gaps.py --merge part1.json part2.json --json all.json
 """
 
 from __future__ import annotations
@@ -30,21 +37,30 @@ from dms_runtime.retrofit.training_backend import eviction_off
 from dms_runtime.validation import add_dms_overrides, dms_overrides
 
 
-def score(lm, length: int, sequences: int, policies) -> tuple[int, float, dict[str, list[tuple[torch.Tensor, ...]]]]:
-    """DMS's and each policy's per-position :func:`token_scores` on the first ``sequences`` held-out
-    texts; the policies at DMS's peak held over all of them. Returns (budget, DMS's peak held, scores)."""
-    seqs = heldout_sequences(lm, length, sequences)
+def score(lm, length: int, sequences: int, policies, skip: int = 0, budget: int | None = None,
+          each=None) -> tuple[int, float, dict[str, list[tuple[torch.Tensor, ...]]]]:
+    """DMS's and each policy's per-position :func:`token_scores` on held-out texts ``skip`` to
+    ``skip + sequences - 1``; the policies at ``budget`` KV tokens per head, or (None) at DMS's peak held
+    over all of these texts. ``each(budget, peak, scores)`` is called after every text once the budget is
+    known. Returns (budget, DMS's peak held, scores)."""
+    seqs = heldout_sequences(lm, length, skip + sequences)[skip:]
     per = {"dms": [], **{p: [] for p in policies}}
     peak = 0.0
-    for s in seqs:  # DMS first: the policies' budget is its peak over every text
-        row = fidelity(lm, length, 1, vanilla=vanilla_logits(lm, [s]), scores=per["dms"], texts=[s])
-        peak = max(peak, row.peak_live_fraction)
-    budget = policy_budget(peak, length)
-    with torch.inference_mode(), eviction_off(lm.model):
+    if budget is None:  # DMS first: the policies' budget is its peak over every text
         for s in seqs:
-            van = forward_ids(lm.model, s, FullSequenceAttention())
+            row = fidelity(lm, length, 1, vanilla=vanilla_logits(lm, [s]), scores=per["dms"], texts=[s])
+            peak = max(peak, row.peak_live_fraction)
+        budget = policy_budget(peak, length)
+    for i, s in enumerate(seqs):
+        van = vanilla_logits(lm, [s])[0]
+        if len(per["dms"]) <= i:  # a given budget: DMS text by text beside the policies
+            row = fidelity(lm, length, 1, vanilla=[van], scores=per["dms"], texts=[s])
+            peak = max(peak, row.peak_live_fraction)
+        with torch.inference_mode(), eviction_off(lm.model):
             for p in policies:
                 per[p].append(token_scores(forward_ids(lm.model, s, PolicyAttention(p, budget)), van))
+        if each is not None:
+            each(budget, peak, per)
     return budget, peak, per
 
 
@@ -67,36 +83,107 @@ def gaps(per: dict, blocks) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", required=True, help="DMS model: embedded name, folder or retrofit folder")
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--sequences", type=int, default=16)
-    p.add_argument("--policy", nargs="+", choices=POLICIES, default=["h2o"])
-    p.add_argument("--blocks", type=int, nargs="+", default=None,
-                   help="bootstrap block lengths in positions (default: 1 32 128 512 and the whole text)")
-    add_dms_overrides(p)
-    p.add_argument("--json", type=Path, help="also write the rows here")
-    a = p.parse_args(argv)
-    blocks = a.blocks or sorted({b for b in (1, 32, 128, 512) if b < a.length} | {a.length})
-    if any(b < 1 for b in blocks):
-        raise SystemExit(f"--blocks: expected lengths >= 1, got {blocks}")
-    lm = load(a.model, dms=dms_overrides(a) or None, merge_lora=False)
-    budget, peak, per = score(lm, a.length, a.sequences, a.policy)
-    rows = gaps(per, blocks)
-    print(f"{a.model} at {a.length}, {a.sequences} texts; the policies at {budget} tokens per head ({peak:.3f} held)")
-    for r in rows:
+def merge(parts: list[dict]) -> dict:
+    """One result from ``--json`` files of runs over disjoint held-out texts (``skip`` .. ``skip + sequences``)
+    at the same model, length, budget and policies: means weighted by texts, and each policy's gap with
+    its 95% interval from resampling whole texts (each text's gap, in text order; the same interval one run
+    over all the texts gives with a block of the whole text)."""
+    if not parts:
+        raise ValueError("parts: expected at least one --json file")
+    parts = sorted(parts, key=lambda d: d.get("skip", 0))
+    first = parts[0]
+    key = lambda d: (d["model"], d["length"], d["budget"], [r["method"] for r in d["rows"]])  # noqa: E731
+    for d in parts[1:]:
+        if key(d) != key(first):
+            raise ValueError(f"parts: expected one model, length, budget and methods, got {key(first)} and {key(d)}")
+    end = 0
+    for d in parts:
+        if d.get("skip", 0) < end:
+            raise ValueError(f"parts: expected disjoint texts, got one starting at {d.get('skip', 0)} before {end}")
+        end = d.get("skip", 0) + d["sequences"]
+    n = sum(d["sequences"] for d in parts)
+    rows = []
+    for i, r in enumerate(first["rows"]):
+        mine = [d["rows"][i] for d in parts]
+        row = {"method": r["method"]}
+        for m in ("kl_per_token", "greedy_agreement"):
+            row[m] = sum(x[m] * d["sequences"] for x, d in zip(mine, parts)) / n
+        if r["method"] != "dms":
+            for g in ("agreement_gap", "kl_gap"):
+                by = [v for x in mine for v in x[f"{g}_by_text"]]
+                row[f"{g}_by_text"] = by
+                row[g] = {"text": paired_gap([torch.zeros(len(by), dtype=torch.float64)],
+                                             [torch.tensor(by, dtype=torch.float64)], block=1, min_blocks=1)}
+        rows.append(row)
+    return {"model": first["model"], "length": first["length"], "sequences": n,
+            "texts": [[d.get("skip", 0), d["sequences"]] for d in parts], "budget": first["budget"],
+            "held_fraction": max(d["held_fraction"] for d in parts), "rows": rows}
+
+
+def show(res: dict) -> None:
+    print(f"{res['model']} at {res['length']}, {res['sequences']} texts; the policies at {res['budget']} tokens per "
+          f"head (DMS's peak held {res['held_fraction']:.3f})")
+    for r in res["rows"]:
         print(f"{r['method']:>10}: KL {r['kl_per_token']:.4f}, agreement {100 * r['greedy_agreement']:.2f}%")
         if r["method"] == "dms":
             continue
         print("    agreement - DMS by text, points: " + " ".join(f"{100 * g:+.2f}" for g in r["agreement_gap_by_text"]))
-        for b in blocks:
-            g, lo, hi = (100 * x for x in r["agreement_gap"][b])
+        for b, (g, lo, hi) in r["agreement_gap"].items():
             k, klo, khi = r["kl_gap"][b]
-            print(f"    block {b:>5}: agreement {g:+.2f} [{lo:+.2f}, {hi:+.2f}]   KL {k:+.4f} [{klo:+.4f}, {khi:+.4f}]")
+            print(f"    block {b:>5}: agreement {100 * g:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]   "
+                  f"KL {k:+.4f} [{klo:+.4f}, {khi:+.4f}]")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", help="DMS model: embedded name, folder or retrofit folder")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--sequences", type=int, default=16)
+    p.add_argument("--skip", type=int, default=0, help="start at this held-out text (runs over disjoint texts merge)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="the policies' KV tokens per head (default: DMS's peak held over these texts); with it the "
+                        "--json file is written after every text, so a stopped run leaves the texts it finished")
+    p.add_argument("--policy", nargs="+", choices=POLICIES, default=["h2o"])
+    p.add_argument("--blocks", type=int, nargs="+", default=None,
+                   help="bootstrap block lengths in positions (default: 1 32 128 512 and the whole text)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="instead of scoring: merge --json files of runs over disjoint texts (same model, length, "
+                        "budget, policies); intervals resample whole texts")
+    add_dms_overrides(p)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    a = p.parse_args(argv)
+    if a.merge:
+        try:
+            res = merge([json.loads(f.read_text()) for f in a.merge])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--merge: {e}")
+        show(res)
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1) + "\n")
+        return
+    if not a.model:
+        raise SystemExit("-m/--model: expected a DMS model (or --merge with files)")
+    if a.skip < 0:
+        raise SystemExit(f"--skip: expected >= 0, got {a.skip}")
+    if a.budget is not None and a.budget < 2:
+        raise SystemExit(f"--budget: expected >= 2 KV tokens per head, got {a.budget}")
+    blocks = a.blocks or sorted({b for b in (1, 32, 128, 512) if b < a.length} | {a.length})
+    if any(b < 1 for b in blocks):
+        raise SystemExit(f"--blocks: expected lengths >= 1, got {blocks}")
+    lm = load(a.model, dms=dms_overrides(a) or None, merge_lora=False)
+
+    def result(budget, peak, per) -> dict:
+        return {"model": a.model, "length": a.length, "skip": a.skip, "sequences": len(per["dms"]),
+                "budget": budget, "held_fraction": peak, "rows": gaps(per, blocks)}
+
+    def save(budget, peak, per) -> None:
+        if a.json and a.budget is not None:
+            a.json.write_text(json.dumps(result(budget, peak, per), indent=1) + "\n")
+
+    res = result(*score(lm, a.length, a.sequences, a.policy, a.skip, a.budget, each=save))
+    show(res)
     if a.json:
-        a.json.write_text(json.dumps({"model": a.model, "length": a.length, "sequences": a.sequences,
-                                      "budget": budget, "held_fraction": peak, "rows": rows}, indent=1) + "\n")
+        a.json.write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

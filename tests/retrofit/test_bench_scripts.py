@@ -166,3 +166,40 @@ def test_paired_gaps_one_text_at_a_time_match_dms_eval(tiny_with_tokenizer, tmp_
         whole = by[r.method]["agreement_gap"]["40"]  # resampling whole texts: no wider than the texts' spread
         assert min(by[r.method]["agreement_gap_by_text"]) - 1e-6 <= whole[1] <= whole[2] <= \
             max(by[r.method]["agreement_gap_by_text"]) + 1e-6
+
+
+def test_paired_gaps_runs_over_disjoint_texts_merge_into_one_run(tiny_with_tokenizer, tmp_path):
+    common = ["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", "0", "--length", "40",
+              "--policy", "h2o", "streaming", "--blocks", "8", "40"]
+    whole = tmp_path / "all.json"
+    bench("paired_gaps").main(common + ["--sequences", "4", "--json", str(whole)])
+    one = json.loads(whole.read_text())
+    parts = [tmp_path / "b.json", tmp_path / "a.json"]  # in any order
+    for f, skip in zip(parts, ("2", "0")):  # the second half first: merge sorts by text
+        bench("paired_gaps").main(common + ["--sequences", "2", "--skip", skip, "--budget", str(one["budget"]),
+                                            "--json", str(f)])
+    merged = tmp_path / "m.json"
+    bench("paired_gaps").main(["--merge", *map(str, parts), "--json", str(merged)])
+    res = json.loads(merged.read_text())
+    assert res["sequences"] == 4 and res["texts"] == [[0, 2], [2, 2]] and res["budget"] == one["budget"]
+    assert res["held_fraction"] == pytest.approx(one["held_fraction"])
+    for r, o in zip(res["rows"], one["rows"]):
+        assert r["method"] == o["method"]
+        assert r["kl_per_token"] == pytest.approx(o["kl_per_token"], abs=1e-6)
+        assert r["greedy_agreement"] == pytest.approx(o["greedy_agreement"], abs=1e-6)
+        if r["method"] != "dms":  # resampling texts from the parts is resampling whole texts in one run
+            assert r["agreement_gap_by_text"] == pytest.approx(o["agreement_gap_by_text"], abs=1e-6)
+            assert r["agreement_gap"]["text"] == pytest.approx(o["agreement_gap"]["40"], abs=1e-6)
+            assert r["kl_gap"]["text"] == pytest.approx(o["kl_gap"]["40"], abs=1e-6)
+    with pytest.raises(SystemExit, match="--merge: .*disjoint"):  # text 1 in both
+        overlap = tmp_path / "o.json"
+        bench("paired_gaps").main(common + ["--sequences", "2", "--skip", "1", "--budget", str(one["budget"]),
+                                            "--json", str(overlap)])
+        bench("paired_gaps").main(["--merge", str(parts[1]), str(overlap)])
+    other = json.loads(parts[0].read_text()) | {"budget": one["budget"] + 1}
+    (tmp_path / "x.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="--merge: .*budget"):
+        bench("paired_gaps").main(["--merge", str(parts[1]), str(tmp_path / "x.json")])
+    for bad, name in ((["--skip", "-1"], "--skip"), (["--budget", "1"], "--budget")):
+        with pytest.raises(SystemExit, match=name):
+            bench("paired_gaps").main(common + ["--sequences", "1"] + bad)
