@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     add_dms_overrides(p)
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
-    lm = load(a.model, dms=dms_overrides(a) or None)
+    lm = load(a.model, dms=dms_overrides(a) or None, merge_lora=False)  # exact base logits, as dms eval
     seqs = heldout_sequences(lm, a.length, a.sequences)
     vanilla = vanilla_logits(lm, seqs)
     per: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"dms": [], **{x: [] for x in a.policy}}
