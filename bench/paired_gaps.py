@@ -30,8 +30,8 @@ import torch
 
 from dms_runtime import load
 from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.retrofit.evaluate import (fidelity, forward_ids, heldout_sequences, paired_gap, token_scores,
-                                           vanilla_logits)
+from dms_runtime.retrofit.evaluate import (fidelity, forward_ids, heldout_sequences, heldout_sources, paired_gap,
+                                           token_scores, vanilla_logits)
 from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budget
 from dms_runtime.retrofit.training_backend import eviction_off
 from dms_runtime.validation import add_dms_overrides, dms_overrides
@@ -64,30 +64,42 @@ def score(lm, length: int, sequences: int, policies, skip: int = 0, budget: int 
     return budget, peak, per
 
 
-def gaps(per: dict, blocks) -> list[dict]:
-    """Per policy: its means, each text's gap to DMS, and the paired gap with its interval per block length."""
+def gaps(per: dict, blocks, budget: int | None = None) -> list[dict]:
+    """Per method: its means and each text's; per policy also each text's gap to DMS and the paired gap with
+    its interval per block length; with ``budget``, the same over the positions after the policies' budget
+    fills (position >= budget: before it a policy holds every key)."""
     rows = []
     dms = per["dms"]
     for method, parts in per.items():
         row = {"method": method,
                "kl_per_token": sum(k.mean().item() for k, _ in parts) / len(parts),
-               "greedy_agreement": sum(h.mean().item() for _, h in parts) / len(parts)}
+               "greedy_agreement": sum(h.mean().item() for _, h in parts) / len(parts),
+               "kl_by_text": [k.mean().item() for k, _ in parts],
+               "agreement_by_text": [h.mean().item() for _, h in parts]}
+        after = budget is not None and budget < len(parts[0][0])
+        if after:
+            row["kl_after_fill"] = sum(k[budget:].mean().item() for k, _ in parts) / len(parts)
+            row["agreement_after_fill"] = sum(h[budget:].mean().item() for _, h in parts) / len(parts)
         if method != "dms":
-            row["agreement_gap_by_text"] = [(h.mean() - d.mean()).item() for (_, h), (_, d) in zip(parts, dms)]
-            row["kl_gap_by_text"] = [(k.mean() - d.mean()).item() for (k, _), (d, _) in zip(parts, dms)]
-            row["agreement_gap"] = {b: paired_gap([d for _, d in dms], [h for _, h in parts], block=b, min_blocks=1)
-                                    for b in blocks}
-            row["kl_gap"] = {b: paired_gap([d for d, _ in dms], [k for k, _ in parts], block=b, min_blocks=1)
-                             for b in blocks}
+            for i, g in ((1, "agreement_gap"), (0, "kl_gap")):
+                mine, base = [x[i] for x in parts], [x[i] for x in dms]
+                row[f"{g}_by_text"] = [(m.mean() - d.mean()).item() for m, d in zip(mine, base)]
+                row[g] = {b: paired_gap(base, mine, block=b, min_blocks=1) for b in blocks}
+                if after:
+                    mine, base = [m[budget:] for m in mine], [d[budget:] for d in base]
+                    row[f"{g}_after_fill_by_text"] = [(m.mean() - d.mean()).item() for m, d in zip(mine, base)]
+                    row[f"{g}_after_fill"] = {b: paired_gap(base, mine, block=b, min_blocks=1) for b in blocks}
         rows.append(row)
     return rows
 
 
-def merge(parts: list[dict]) -> dict:
+def merge(parts: list[dict], sources: list[str] | None = None) -> dict:
     """One result from ``--json`` files of runs over disjoint held-out texts (``skip`` .. ``skip + sequences``)
     at the same model, length, budget and policies: means weighted by texts, and each policy's gap with
-    its 95% interval from resampling whole texts (each text's gap, in text order; the same interval one run
-    over all the texts gives with a block of the whole text)."""
+    its 95% interval from resampling whole texts (``"text"``: each text's gap, in text order; the same
+    interval one run over all the texts gives with a block of the whole text). ``sources`` (the file of
+    each held-out text from 0, :func:`heldout_sources`) adds ``"file"``: resampling the files, each with
+    all its texts (a long file fills several texts in a row, and those are alike), and each file's gap."""
     if not parts:
         raise ValueError("parts: expected at least one --json file")
     parts = sorted(parts, key=lambda d: d.get("skip", 0))
@@ -102,36 +114,58 @@ def merge(parts: list[dict]) -> dict:
             raise ValueError(f"parts: expected disjoint texts, got one starting at {d.get('skip', 0)} before {end}")
         end = d.get("skip", 0) + d["sequences"]
     n = sum(d["sequences"] for d in parts)
+    index = [i for d in parts for i in range(d.get("skip", 0), d.get("skip", 0) + d["sequences"])]
+    if sources is not None and len(sources) < index[-1] + 1:
+        raise ValueError(f"sources: expected a file for each of the {index[-1] + 1} texts, got {len(sources)}")
     rows = []
     for i, r in enumerate(first["rows"]):
         mine = [d["rows"][i] for d in parts]
         row = {"method": r["method"]}
-        for m in ("kl_per_token", "greedy_agreement"):
-            row[m] = sum(x[m] * d["sequences"] for x, d in zip(mine, parts)) / n
+        for m in ("kl_per_token", "greedy_agreement", "kl_after_fill", "agreement_after_fill"):
+            if all(m in x for x in mine):  # after the fill: where every part has it
+                row[m] = sum(x[m] * d["sequences"] for x, d in zip(mine, parts)) / n
         if r["method"] != "dms":
-            for g in ("agreement_gap", "kl_gap"):
+            for g in ("agreement_gap", "kl_gap", "agreement_gap_after_fill", "kl_gap_after_fill"):
+                if not all(f"{g}_by_text" in x for x in mine):
+                    continue
                 by = [v for x in mine for v in x[f"{g}_by_text"]]
                 row[f"{g}_by_text"] = by
                 row[g] = {"text": paired_gap([torch.zeros(len(by), dtype=torch.float64)],
                                              [torch.tensor(by, dtype=torch.float64)], block=1, min_blocks=1)}
+                if sources is not None:
+                    files: dict[str, list[float]] = {}
+                    for i, v in zip(index, by):
+                        files.setdefault(sources[i], []).append(v)
+                    gaps_by_file = [torch.tensor(v, dtype=torch.float64) for v in files.values()]
+                    row[g]["file"] = paired_gap([torch.zeros_like(v) for v in gaps_by_file], gaps_by_file,
+                                                block=max(len(v) for v in gaps_by_file), min_blocks=1)
+                    row[f"{g}_by_file"] = {f: [len(v), sum(v) / len(v)] for f, v in files.items()}
         rows.append(row)
     return {"model": first["model"], "length": first["length"], "sequences": n,
-            "texts": [[d.get("skip", 0), d["sequences"]] for d in parts], "budget": first["budget"],
+            "texts": [[d.get("skip", 0), d["sequences"]] for d in parts],
+            "files": None if sources is None else len({sources[i] for i in index}), "budget": first["budget"],
             "held_fraction": max(d["held_fraction"] for d in parts), "rows": rows}
 
 
 def show(res: dict) -> None:
-    print(f"{res['model']} at {res['length']}, {res['sequences']} texts; the policies at {res['budget']} tokens per "
-          f"head (DMS's peak held {res['held_fraction']:.3f})")
+    files = f" from {res['files']} files" if res.get("files") else ""
+    print(f"{res['model']} at {res['length']}, {res['sequences']} texts{files}; the policies at {res['budget']} "
+          f"tokens per head (DMS's peak held {res['held_fraction']:.3f})")
     for r in res["rows"]:
-        print(f"{r['method']:>10}: KL {r['kl_per_token']:.4f}, agreement {100 * r['greedy_agreement']:.2f}%")
+        after = (f"; after the fill KL {r['kl_after_fill']:.4f}, agreement {100 * r['agreement_after_fill']:.2f}%"
+                 if "kl_after_fill" in r else "")
+        print(f"{r['method']:>10}: KL {r['kl_per_token']:.4f}, agreement {100 * r['greedy_agreement']:.2f}%{after}")
         if r["method"] == "dms":
             continue
         print("    agreement - DMS by text, points: " + " ".join(f"{100 * g:+.2f}" for g in r["agreement_gap_by_text"]))
-        for b, (g, lo, hi) in r["agreement_gap"].items():
-            k, klo, khi = r["kl_gap"][b]
-            print(f"    block {b:>5}: agreement {100 * g:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]   "
-                  f"KL {k:+.4f} [{klo:+.4f}, {khi:+.4f}]")
+        if "agreement_gap_by_file" in r:
+            print("    agreement - DMS by file (texts), points: " + ", ".join(
+                f"{f} ({n}) {100 * g:+.2f}" for f, (n, g) in r["agreement_gap_by_file"].items()))
+        for when in ("", "_after_fill"):
+            for b, (g, lo, hi) in r.get(f"agreement_gap{when}", {}).items():
+                k, klo, khi = r[f"kl_gap{when}"][b]
+                print(f"    {'after the fill, ' if when else ''}block {b:>5}: agreement {100 * g:+.2f} "
+                      f"[{100 * lo:+.2f}, {100 * hi:+.2f}]   KL {k:+.4f} [{klo:+.4f}, {khi:+.4f}]")
 
 
 def main(argv=None) -> None:
@@ -148,13 +182,16 @@ def main(argv=None) -> None:
                    help="bootstrap block lengths in positions (default: 1 32 128 512 and the whole text)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="instead of scoring: merge --json files of runs over disjoint texts (same model, length, "
-                        "budget, policies); intervals resample whole texts")
+                        "budget, policies); intervals resample whole texts, and files (each with its texts)")
     add_dms_overrides(p)
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     if a.merge:
         try:
-            res = merge([json.loads(f.read_text()) for f in a.merge])
+            parts = [json.loads(f.read_text()) for f in a.merge]
+            end = max(d.get("skip", 0) + d["sequences"] for d in parts)
+            sources = heldout_sources(load(a.model or parts[0]["model"]), parts[0]["length"], end)
+            res = merge(parts, sources)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"--merge: {e}")
         show(res)
@@ -174,7 +211,7 @@ def main(argv=None) -> None:
 
     def result(budget, peak, per) -> dict:
         return {"model": a.model, "length": a.length, "skip": a.skip, "sequences": len(per["dms"]),
-                "budget": budget, "held_fraction": peak, "rows": gaps(per, blocks)}
+                "budget": budget, "held_fraction": peak, "rows": gaps(per, blocks, budget)}
 
     def save(budget, peak, per) -> None:
         if a.json and a.budget is not None:

@@ -166,6 +166,15 @@ def test_paired_gaps_one_text_at_a_time_match_dms_eval(tiny_with_tokenizer, tmp_
         whole = by[r.method]["agreement_gap"]["40"]  # resampling whole texts: no wider than the texts' spread
         assert min(by[r.method]["agreement_gap_by_text"]) - 1e-6 <= whole[1] <= whole[2] <= \
             max(by[r.method]["agreement_gap_by_text"]) + 1e-6
+    prof = tmp_path / "e.json"  # after the budget fills: the gaps bench/error_profile.py measures
+    bench("error_profile").main(["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", "0",
+                                 "--length", "40", "--sequences", "3", "--policy", "h2o", "tova", "--json", str(prof)])
+    for p in json.loads(prof.read_text())[1:]:
+        mine = by[p["method"]]
+        assert p["budget"] == res["budget"] < 40
+        assert mine["agreement_gap_after_fill"]["8"][0] == pytest.approx(p["agreement_gap_after_budget"][0], abs=1e-9)
+        assert mine["kl_gap_after_fill"]["8"][0] == pytest.approx(p["kl_gap_after_budget"][0], abs=1e-6)
+        assert mine["agreement_after_fill"] == pytest.approx(p["agreement_after_budget"], abs=1e-6)
 
 
 def test_paired_gaps_runs_over_disjoint_texts_merge_into_one_run(tiny_with_tokenizer, tmp_path):
@@ -191,6 +200,8 @@ def test_paired_gaps_runs_over_disjoint_texts_merge_into_one_run(tiny_with_token
             assert r["agreement_gap_by_text"] == pytest.approx(o["agreement_gap_by_text"], abs=1e-6)
             assert r["agreement_gap"]["text"] == pytest.approx(o["agreement_gap"]["40"], abs=1e-6)
             assert r["kl_gap"]["text"] == pytest.approx(o["kl_gap"]["40"], abs=1e-6)
+            assert sum(n for n, _ in r["agreement_gap_by_file"].values()) == 4 and "file" in r["agreement_gap"]
+            assert r["agreement_gap_after_fill"]["text"] == pytest.approx(o["agreement_gap_after_fill"]["40"], abs=1e-6)
     with pytest.raises(SystemExit, match="--merge: .*disjoint"):  # text 1 in both
         overlap = tmp_path / "o.json"
         bench("paired_gaps").main(common + ["--sequences", "2", "--skip", "1", "--budget", str(one["budget"]),
@@ -203,3 +214,26 @@ def test_paired_gaps_runs_over_disjoint_texts_merge_into_one_run(tiny_with_token
     for bad, name in ((["--skip", "-1"], "--skip"), (["--budget", "1"], "--budget")):
         with pytest.raises(SystemExit, match=name):
             bench("paired_gaps").main(common + ["--sequences", "1"] + bad)
+
+
+def test_paired_gaps_merge_resamples_files_with_all_their_texts():
+    def part(skip, gaps):
+        rows = [{"method": "dms", "kl_per_token": 0.1, "greedy_agreement": 0.9},
+                {"method": "h2o", "kl_per_token": 0.2, "greedy_agreement": 0.8,
+                 "agreement_gap_by_text": gaps, "kl_gap_by_text": [2 * g for g in gaps]}]
+        return {"model": "m", "length": 8, "skip": skip, "sequences": len(gaps), "budget": 3,
+                "held_fraction": 0.3, "rows": rows}
+
+    merge = bench("paired_gaps").merge
+    # texts 0-7 from two files; file a's texts all +1, file b's all 0
+    res = merge([part(4, [0.0] * 4), part(0, [1.0] * 4)], sources=["a"] * 4 + ["b"] * 4 + ["c"])
+    h2o = res["rows"][1]
+    assert res["files"] == 2 and h2o["agreement_gap_by_file"] == {"a": [4, 1.0], "b": [4, 0.0]}
+    gap, low, high = h2o["agreement_gap"]["file"]
+    assert gap == 0.5 and low == 0.0 and high == 1.0  # two files: every resample is 0, 0.5 or 1
+    assert h2o["kl_gap"]["file"][0] == 1.0
+    text = h2o["agreement_gap"]["text"]  # eight texts taken one by one: a narrower interval
+    assert text[0] == 0.5 and text[2] - text[1] < high - low
+    assert res["rows"][0]["kl_per_token"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="sources: expected a file for each of the 8"):
+        merge([part(0, [1.0] * 4), part(4, [0.0] * 4)], sources=["a"] * 7)

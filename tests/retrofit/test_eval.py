@@ -172,3 +172,21 @@ def test_eval_cli_policies_table_and_plot(tiny_with_tokenizer, capsys, tmp_path)
     streaming_line = next(line for line in out.splitlines() if line.strip().startswith("streaming |"))
     assert streaming_line.count("[") == 2  # its paired gaps to DMS, on KL and on agreement
     assert f"{tiny_with_tokenizer.name} w3 s2" in out  # the settings given are part of the model's name
+
+
+def test_heldout_sources_name_the_file_holding_most_of_each_text(monkeypatch):
+    from types import SimpleNamespace
+
+    from dms_runtime.retrofit import evaluate
+
+    docs = [("a.py", "aaaaa"), ("b.py", "bbbbbbbbbbbb"), ("c.py", "ccc"), ("d.py", "dddddddddd"), ("e.py", "eeee")]
+    monkeypatch.setattr(evaluate, "stdlib_documents",
+                        lambda seed, split, names=False: iter(docs if names else [t for _, t in docs]))
+    lm = SimpleNamespace(tokenizer=lambda text, add_special_tokens: {"input_ids": [ord(ch) for ch in text]})
+    seqs = evaluate.heldout_sequences(lm, 8, 4)  # a5 b3 | b8 | b1 c3 d4 | d6 e2 (e2 left over)
+    assert ["".join(map(chr, s)) for s in seqs] == ["aaaaabbb", "bbbbbbbb", "bcccdddd", "ddddddee"]
+    assert evaluate.heldout_sources(lm, 8, 4) == ["a.py", "b.py", "d.py", "d.py"]
+    assert evaluate.heldout_sources(lm, 4, 2) == ["a.py", "b.py"]  # a4 | a1 b3
+    assert evaluate.heldout_sources(lm, 2, 3) == ["a.py", "a.py", "a.py"]  # a2 | a2 | a1 b1: the first of equals
+    with pytest.raises(ValueError, match="fewer than 5"):
+        evaluate.heldout_sources(lm, 8, 5)

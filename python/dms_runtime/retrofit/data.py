@@ -22,10 +22,12 @@ def _heldout(relpath: str) -> bool:
     return zlib.crc32(relpath.encode()) % 20 == 0
 
 
-def stdlib_documents(limit: int | None = None, seed: int = 0, split: str = "train") -> Iterator[str]:
+def stdlib_documents(limit: int | None = None, seed: int = 0, split: str = "train",
+                     names: bool = False) -> Iterator[str] | Iterator[tuple[str, str]]:
     """Source files of the running Python's standard library, in a seeded order.
 
     split: "train" (19 files in 20), "heldout" (the rest, for evaluation) or "all".
+    names: yield ``(path relative to the library, text)`` instead of the text alone.
     """
     if split not in STDLIB_SPLITS:
         raise ValueError(f"split: expected one of {STDLIB_SPLITS}, got {split!r}")
@@ -38,9 +40,10 @@ def stdlib_documents(limit: int | None = None, seed: int = 0, split: str = "trai
         if limit is not None and i >= limit:
             return
         try:
-            yield path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
+        yield (path.relative_to(root).as_posix(), text) if names else text
 
 
 def text_documents(paths: Iterable[str | Path]) -> Iterator[str]:

@@ -62,6 +62,26 @@ def heldout_sequences(lm, length: int, sequences: int, seed: int = 1234) -> list
     raise ValueError(f"length: the held-out text holds fewer than {sequences} sequences of {length} tokens")
 
 
+def heldout_sources(lm, length: int, sequences: int, seed: int = 1234) -> list[str]:
+    """For each of :func:`heldout_sequences`' texts (same arguments): the standard-library file that holds
+    most of its tokens (a long file fills several texts in a row, and those texts are alike)."""
+    if length < 2 or sequences < 1:
+        raise ValueError(f"length/sequences: expected >= 2 and >= 1, got {length} and {sequences}")
+    out, held, filled = [], {}, 0
+    for name, doc in stdlib_documents(seed=seed, split="heldout", names=True):
+        left = len(lm.tokenizer(doc, add_special_tokens=False)["input_ids"])
+        while left:
+            take = min(left, length - filled)
+            held[name] = held.get(name, 0) + take
+            filled, left = filled + take, left - take
+            if filled == length:
+                out.append(max(held, key=held.get))  # the first file among equals
+                held, filled = {}, 0
+                if len(out) == sequences:
+                    return out
+    raise ValueError(f"length: the held-out text holds fewer than {sequences} sequences of {length} tokens")
+
+
 def token_scores(logits: torch.Tensor, vanilla: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position of one text (``[1, T, V]`` logits each): KL(model || vanilla) and 1.0 where the
     greedy tokens agree, each ``[T]``."""
