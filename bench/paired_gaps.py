@@ -118,8 +118,8 @@ def merge(parts: list[dict], sources: list[str] | None = None) -> dict:
     if sources is not None and len(sources) < index[-1] + 1:
         raise ValueError(f"sources: expected a file for each of the {index[-1] + 1} texts, got {len(sources)}")
     rows = []
-    for i, r in enumerate(first["rows"]):
-        mine = [d["rows"][i] for d in parts]
+    for j, r in enumerate(first["rows"]):
+        mine = [d["rows"][j] for d in parts]
         row = {"method": r["method"]}
         for m in ("kl_per_token", "greedy_agreement", "kl_after_fill", "agreement_after_fill"):
             if all(m in x for x in mine):  # after the fill: where every part has it
@@ -134,8 +134,8 @@ def merge(parts: list[dict], sources: list[str] | None = None) -> dict:
                                              [torch.tensor(by, dtype=torch.float64)], block=1, min_blocks=1)}
                 if sources is not None:
                     files: dict[str, list[float]] = {}
-                    for i, v in zip(index, by):
-                        files.setdefault(sources[i], []).append(v)
+                    for t, v in zip(index, by):
+                        files.setdefault(sources[t], []).append(v)
                     gaps_by_file = [torch.tensor(v, dtype=torch.float64) for v in files.values()]
                     row[g]["file"] = paired_gap([torch.zeros_like(v) for v in gaps_by_file], gaps_by_file,
                                                 block=max(len(v) for v in gaps_by_file), min_blocks=1)
