@@ -237,3 +237,43 @@ def test_paired_gaps_merge_resamples_files_with_all_their_texts():
     assert res["rows"][0]["kl_per_token"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="sources: expected a file for each of the 8"):
         merge([part(0, [1.0] * 4), part(4, [0.0] * 4)], sources=["a"] * 7)
+
+
+def test_paired_gaps_deferred_against_earlier_runs_is_scoring_the_policies_again(tiny_with_tokenizer, tmp_path):
+    common = ["-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", "0", "--length", "40",
+              "--blocks", "8", "40"]
+    plain, live, reused = tmp_path / "p.json", tmp_path / "l.json", tmp_path / "r.json"
+    bench("paired_gaps").main(common + ["--sequences", "3", "--policy", "h2o", "streaming", "--json", str(plain)])
+    budget = json.loads(plain.read_text())["budget"]
+    assert budget < 40
+    deferred = common + ["--defer", "--budget", str(budget), "--skip", "1", "--sequences", "2"]
+    bench("paired_gaps").main(deferred + ["--policy", "h2o", "streaming", "--json", str(live)])
+    bench("paired_gaps").main(deferred + ["--against", str(plain), "--json", str(reused)])
+    one, two = json.loads(live.read_text()), json.loads(reused.read_text())
+    assert one["defer"] and two["defer"] and two["undeferred_check"] < 1e-6
+    first = {r["method"]: r for r in json.loads(plain.read_text())["rows"]}
+    mine = {r["method"]: r for r in one["rows"]}
+    assert mine["undeferred"]["kl_by_text"] == pytest.approx(first["dms"]["kl_by_text"][1:], abs=1e-6)
+    assert mine["dms"]["greedy_agreement"] >= mine["undeferred"]["greedy_agreement"] - 0.05
+    assert one["held_fraction"] == pytest.approx(budget / 40)  # the pool (at or above DMS's peak) is the peak
+    # query i reads what is held after i - 1 and its own key: never less than a policy holding budget + 1
+    assert mine["undeferred"]["read_fraction"] < mine["dms"]["read_fraction"] <= 1
+    assert mine["dms"]["read_fraction"] >= mine["h2o"]["read_fraction"] - 1e-9
+    for r in two["rows"]:  # the policies from the earlier run equal scoring them here
+        o = mine[r["method"]]
+        for m in ("kl_per_token", "greedy_agreement", "kl_after_fill", "agreement_after_fill"):
+            assert r[m] == pytest.approx(o[m], abs=1e-6), (r["method"], m)
+        if r["method"] != "dms":
+            for g in ("agreement_gap", "kl_gap", "agreement_gap_after_fill", "kl_gap_after_fill"):
+                assert r[f"{g}_by_text"] == pytest.approx(o[f"{g}_by_text"], abs=1e-6), (r["method"], g)
+    merged = bench("paired_gaps").merge([two])
+    assert [r["method"] for r in merged["rows"]] == ["dms", "undeferred", "h2o", "streaming"] and merged["defer"]
+    with pytest.raises(ValueError, match="budget"):  # deferred and not: never merged
+        bench("paired_gaps").merge([two, json.loads(plain.read_text()) | {"skip": 3}])
+    for bad, name in ((["--against", str(plain)], "--against: expected --defer"),
+                      (["--defer"], "--budget"),
+                      (["--defer", "--budget", str(budget + 1), "--against", str(plain)], "--against: .*budget"),
+                      (["--defer", "--budget", str(budget), "--skip", "2", "--against", str(plain)],
+                       "--against: no .* for every text 2..3")):
+        with pytest.raises(SystemExit, match=name):
+            bench("paired_gaps").main(common + ["--sequences", "2"] + bad)

@@ -1,0 +1,138 @@
+"""DMS with its evictions deferred until a pool fills: what a lazy cache would buy, measured teacher-forced.
+
+DMS marks keys for eviction, and a marked key leaves the cache once it is out of the delay window
+(semantics §3), so a DMS cache holds the minimum from the first token on. A heuristic policy held to
+DMS's peak memory instead holds every key until its budget fills. :class:`DeferredAttention` runs a DMS
+model under a lazy rule that spends memory the same way:
+
+* one pool of ``pool`` tokens for all layers and KV heads of the sequence (lists ``N = layers * kv_heads``);
+* after position ``t`` the cache holds every key a DMS cache holds plus marked keys that left the window
+  (``j <= t - w``), as long as the total stays within the pool; when it would not, the oldest marked keys
+  leave first (by position, then layer, then KV head), as many as needed or as exist. Query ``t + 1``
+  sees what is held after ``t`` and its own window, as in §3.
+
+So the tokens held after position ``t`` are ``max(dms(t), min((t + 1) * N, pool))``, where ``dms(t)`` is
+DMS's minimum: pool 0 is DMS itself, a pool of every token is full attention, and a pool at DMS's peak
+leaves the peak unchanged while every query sees at least what DMS shows it. With ``E(t)`` marked keys
+gone after position ``t``, ``E(t) = min(max(0, (t + 1) * N - pool), M(t - w))``, ``M(p)`` the keys up to
+``p`` that are marked, query ``i`` sees key ``j <= i`` unless it is marked, ``i - j > w`` and fewer than
+``E(i - 1)`` marked keys come before it in that order. That needs only marks ``w`` or more positions
+old, so a pass in chunks of at most ``w`` positions (:func:`deferred_forward`) computes it exactly,
+planned once per chunk for every layer.
+
+The paged runtime does not do this (its kept store is append-only and a marked key's slot is reused);
+this measures what building it would buy at the same peak memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dms_kernels import reference as ref
+
+from .policies import _masked_attention
+
+
+class DeferredAttention:
+    """Attention backend for a chunked teacher-forced pass of one sequence (batch 1) under the rule above;
+    call the model on consecutive chunks of at most ``window`` positions from 0 (:func:`deferred_forward`).
+    Keeps every layer's keys, values and eviction logits. ``held_peak``: the most tokens held after any
+    position, over all lists (the measure of ``evaluate.fidelity``); ``reads``: K/V tokens read by all
+    queries."""
+
+    def __init__(self, window: int, pool: int, layers: int, kv_heads: int):
+        for name, value, low in (("window", window, 1), ("pool", pool, 0), ("layers", layers, 1),
+                                 ("kv_heads", kv_heads, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        self.window, self.pool, self.layers, self.kv_heads = window, pool, layers, kv_heads
+        self.k: list[torch.Tensor | None] = [None] * layers  # [Hkv, T, D]
+        self.v: list[torch.Tensor | None] = [None] * layers
+        self.logits: list[torch.Tensor | None] = [None] * layers  # [Hkv, T]
+        self.reads = 0
+        self._plan = None  # (first position of the chunk, marked [L, Hkv, a], rank [L, Hkv, a], gone [n])
+
+    @property
+    def lists(self) -> int:
+        return self.layers * self.kv_heads
+
+    @property
+    def length(self) -> int:
+        """Positions every layer has processed."""
+        return 0 if self.logits[-1] is None else self.logits[-1].shape[-1]
+
+    def _marks(self, upto: int) -> torch.Tensor:
+        """``[L, Hkv, upto]`` evict decisions of keys ``0 .. upto - 1`` (key ``j``: the logit at ``j + 1``;
+        the last one, whose logit is not known before position ``upto``, counts as keep)."""
+        stacked = torch.stack([lg[:, :upto] for lg in self.logits])  # [L, Hkv, upto]
+        return ref.eviction_decisions(stacked)
+
+    def gone_counts(self, marked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``E(t)`` for positions ``t`` (int64), from ``marked`` ``[L, Hkv, a]`` that holds every key ``<= t - w``."""
+        counts = marked.sum((0, 1)).cumsum(0)
+        before = torch.cat([counts.new_zeros(1), counts])  # before[p + 1] = M(p)
+        m = before[(t - self.window + 1).clamp(0, marked.shape[-1])]
+        return torch.minimum(((t + 1) * self.lists - self.pool).clamp(min=0), m)
+
+    def _plan_chunk(self, start: int, n: int) -> None:
+        if n > self.window:
+            raise ValueError(f"chunk: expected at most window={self.window} positions, got {n}")
+        if start != self.length:
+            raise ValueError(f"positions: expected the chunk after position {self.length - 1}, got one from {start}")
+        if start:
+            marked = self._marks(start)  # keys 0 .. start - 1; key start - 1 is inside every query's window
+            flat = marked.permute(2, 0, 1).reshape(-1).long()  # (position, layer, KV head) order
+            rank = (flat.cumsum(0) - flat).view(start, self.layers, self.kv_heads).permute(1, 2, 0)
+        else:
+            marked = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.bool)
+            rank = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.long)
+        queries = torch.arange(start, start + n)
+        self._plan = (start, marked, rank, self.gone_counts(marked, queries - 1))
+
+    def attend(self, layer, q, k, v, logits):
+        b, hq, n, d = q.shape
+        if b != 1:
+            raise ValueError(f"q: the deferred evaluation runs one sequence at a time, got batch {b}")
+        if logits is None:
+            raise ValueError("logits: the deferred evaluation needs a DMS model with eviction on")
+        if layer == 0:
+            self._plan_chunk(self.length, n)
+        start, marked, rank, gone = self._plan
+        for store, x in ((self.k, k[0]), (self.v, v[0]), (self.logits, logits[0])):
+            store[layer] = x if store[layer] is None else torch.cat([store[layer], x], 1)
+        total = start + n
+        hkv = k.shape[1]
+        i = torch.arange(start, total)[:, None]
+        j = torch.arange(total)[None]
+        mask = (j <= i).expand(hkv, n, total).clone()  # [Hkv, n, total]
+        # a marked key before the chunk is gone for query i if it left the window and E(i - 1) keys precede it
+        old = marked[layer][:, None, :] & (rank[layer][:, None, :] < gone[None, :, None]) \
+            & (i - j[:, :start] > self.window)[None]
+        mask[:, :, :start] &= ~old
+        self.reads += int(mask.sum())
+        qg = q[0].view(hkv, hq // hkv, n, d)
+        return _masked_attention(qg, self.k[layer], self.v[layer], mask).view(1, hq, n, d)
+
+    @property
+    def held_over_time(self) -> torch.Tensor:
+        """``[T]``: tokens held after each position, over all lists."""
+        t = torch.arange(self.length)
+        return (t + 1) * self.lists - self.gone_counts(self._marks(self.length), t)
+
+    @property
+    def held_peak(self) -> int:
+        return int(self.held_over_time.max()) if self.length else 0
+
+
+@torch.inference_mode()
+def deferred_forward(model, ids: list[int], window: int, pool: int) -> tuple[torch.Tensor, DeferredAttention]:
+    """Teacher-forced logits ``[1, T, V]`` of token ids ``ids`` (positions from 0) under
+    :class:`DeferredAttention` with ``pool`` tokens, in chunks of ``window`` positions; and the backend."""
+    cfg = model.config
+    backend = DeferredAttention(window, pool, cfg.num_layers, cfg.num_kv_heads)
+    t = torch.tensor([ids], device=model.device)
+    out = []
+    for a in range(0, len(ids), window):
+        b = min(len(ids), a + window)
+        out.append(model(t[:, a:b], torch.arange(a, b, device=model.device)[None], backend))
+    return torch.cat(out, 1), backend
