@@ -153,13 +153,13 @@ def test_quest_across_row_chunks(rows):
 def test_plan_attention_is_the_dense_masked_attention(policy, t, budget):
     """Each chunk attends over only the keys its plan lists: the same output and reads as the dense
     masked attention over all positions (rows smaller than the budget, so chunks cross it)."""
-    from dms_runtime.retrofit.policies import _masked_attention, plan_attention, plan_mask, plan_reads, policy_plan
+    from dms_runtime.retrofit.policies import masked_attention, plan_attention, plan_mask, plan_reads, policy_plan
 
     gen = torch.Generator().manual_seed(t + budget)
     q, k, v = torch.randn(2, 3, t, 8, generator=gen), torch.randn(2, t, 8, generator=gen), torch.randn(2, t, 8, generator=gen)
     plan = policy_plan(policy, q, k, budget, sinks=2, page_size=4, rows=5)
     mask = plan_mask(plan, 2, t)
-    torch.testing.assert_close(plan_attention(q, k, v, plan), _masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plan_attention(q, k, v, plan), masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert plan_reads(plan) == int(mask.sum())
 
 

@@ -30,7 +30,7 @@ import torch
 
 from dms_kernels import reference as ref
 
-from .policies import _masked_attention
+from .policies import masked_attention
 
 
 class DeferredAttention:
@@ -111,7 +111,7 @@ class DeferredAttention:
         mask[:, :, :start] &= ~old
         self.reads += int(mask.sum())
         qg = q[0].view(hkv, hq // hkv, n, d)
-        return _masked_attention(qg, self.k[layer], self.v[layer], mask).view(1, hq, n, d)
+        return masked_attention(qg, self.k[layer], self.v[layer], mask).view(1, hq, n, d)
 
     @property
     def held_over_time(self) -> torch.Tensor:

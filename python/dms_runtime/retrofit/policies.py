@@ -348,11 +348,11 @@ def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Read
     out = torch.empty_like(q)
     for c, keys, m in plan:
         n = m.shape[1]
-        out[:, :, c: c + n] = _masked_attention(q[:, :, c: c + n], _gather(k, keys), _gather(v, keys), m)
+        out[:, :, c: c + n] = masked_attention(q[:, :, c: c + n], _gather(k, keys), _gather(v, keys), m)
     return out
 
 
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """q ``[Hkv, G, T, D]``, k/v ``[Hkv, S, D]``, mask ``[Hkv, T, S]`` (every row reads a key) ->
     ``[Hkv, G, T, D]``: SDPA in float32 with the mask shared by a KV head's query group."""
     hkv, g, _, d = q.shape
@@ -456,7 +456,7 @@ class PolicyCache:
             self.reads += int(mask.sum())
             if self.masks is not None:
                 self._record(layer, mask, read_pos)
-            out = _masked_attention(qg, keys, values, mask)
+            out = masked_attention(qg, keys, values, mask)
         self.held[layer] = max(self.held.get(layer, 0), self.k[layer].shape[1] * hkv)
         return out.view(1, hq, t, d)
 
