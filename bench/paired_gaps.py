@@ -290,7 +290,7 @@ def main(argv=None) -> None:
     p.add_argument("--policy", nargs="*", choices=POLICIES, default=["h2o"], help="none: DMS only")
     p.add_argument("--defer", action="store_true",
                    help="score DMS with its evictions deferred until a pool of --budget tokens per layer and KV head "
-                        "fills (dms_runtime.retrofit.deferred; the same peak memory as the policies), with DMS "
+                        "fills (dms_runtime.retrofit.deferred; it holds what the policies hold), with DMS "
                         "itself as the row 'undeferred'")
     p.add_argument("--against", type=Path, nargs="+", metavar="JSON",
                    help="with --defer: the policies' per-text gaps from --json files of earlier runs without it over "

@@ -11,9 +11,10 @@ model under a lazy rule that spends memory the same way:
   leave first (by position, then layer, then KV head), as many as needed or as exist. Query ``t + 1``
   sees what is held after ``t`` and its own window, as in §3.
 
-So the tokens held after position ``t`` are ``max(dms(t), min((t + 1) * N, pool))``, where ``dms(t)`` is
-DMS's minimum: pool 0 is DMS itself, a pool of every token is full attention, and a pool at DMS's peak
-leaves the peak unchanged while every query sees at least what DMS shows it. With ``E(t)`` marked keys
+So the tokens held after position ``t`` are ``max(m(t), min((t + 1) * N, pool))``, where ``m(t)`` is the
+minimum of §3 for the marks this pass makes (they follow the hidden states, which now see more keys, so
+they differ a little from DMS's own): pool 0 is DMS itself, a pool of every token is full attention, and a
+pool at the policies' budget holds what they hold, every key until it fills. With ``E(t)`` marked keys
 gone after position ``t``, ``E(t) = min(max(0, (t + 1) * N - pool), M(t - w))``, ``M(p)`` the keys up to
 ``p`` that are marked, query ``i`` sees key ``j <= i`` unless it is marked, ``i - j > w`` and fewer than
 ``E(i - 1)`` marked keys come before it in that order. That needs only marks ``w`` or more positions
