@@ -118,11 +118,18 @@ def gaps(per: dict, blocks, budget: int | None = None) -> list[dict]:
 GAPS = ("agreement_gap", "kl_gap", "agreement_gap_after_fill", "kl_gap_after_fill")
 
 
+def text_interval(by_text: list[float]) -> list[float]:
+    """A gap's mean over texts and its 95% interval from resampling whole texts (one gap per text)."""
+    t = torch.tensor(by_text, dtype=torch.float64)
+    return paired_gap([torch.zeros_like(t)], [t], block=1, min_blocks=1)
+
+
 def earlier_gaps(earlier: list[dict], model: str, length: int, budget: int, first: int, n: int) -> dict:
     """From ``--json`` files of runs without deferring (same model, length, budget): each policy's per-text
     gaps to DMS (``{policy: {gap: [texts first .. first + n - 1]}}``; after-fill gaps where every text has
-    them) and DMS's per-text KL where a run kept it (``{text: kl}``, under ``None``)."""
-    out: dict = {None: {}}
+    them), and DMS's per-text KL where a run kept it (``{text: kl}``)."""
+    out: dict = {}
+    dms_kl: dict = {}
     for d in earlier:
         if d.get("defer") or "texts" in d:
             raise ValueError("expected --json files of runs without --defer (not merges)")
@@ -132,14 +139,12 @@ def earlier_gaps(earlier: list[dict], model: str, length: int, budget: int, firs
         skip = d.get("skip", 0)
         for r in d["rows"]:
             if r["method"] == "dms":
-                out[None].update((skip + k, v) for k, v in enumerate(r.get("kl_by_text", [])))
+                dms_kl.update((skip + k, v) for k, v in enumerate(r.get("kl_by_text", [])))
                 continue
             for g in GAPS:
                 for k, v in enumerate(r.get(f"{g}_by_text", [])):
                     out.setdefault(r["method"], {}).setdefault(g, {})[skip + k] = v
-    for policy, by in list(out.items()):
-        if policy is None:
-            continue
+    for policy, by in out.items():
         for g in GAPS:
             if all(t in by.get(g, {}) for t in range(first, first + n)):
                 by[g] = [by[g][t] for t in range(first, first + n)]
@@ -147,7 +152,7 @@ def earlier_gaps(earlier: list[dict], model: str, length: int, budget: int, firs
                 by.pop(g, None)  # runs without after-fill gaps
             else:
                 raise ValueError(f"no {policy} {g} for every text {first}..{first + n - 1}")
-    return out
+    return out, dms_kl
 
 
 def against(res: dict, earlier: list[dict]) -> dict:
@@ -158,20 +163,17 @@ def against(res: dict, earlier: list[dict]) -> dict:
     if not res.get("defer"):
         raise ValueError("--against: expected a deferred run (--defer)")
     first, n = res["skip"], res["sequences"]
-    found = earlier_gaps(earlier, res["model"], res["length"], res["budget"], first, n)
+    found, dms_kl = earlier_gaps(earlier, res["model"], res["length"], res["budget"], first, n)
     rows = {r["method"]: r for r in res["rows"]}
     base, shift = rows["dms"], rows["undeferred"]
-    check = max((abs(found[None][first + k] - v) for k, v in enumerate(shift["kl_by_text"])
-                 if first + k in found[None]), default=0.0)
+    check = max((abs(dms_kl[first + k] - v) for k, v in enumerate(shift["kl_by_text"]) if first + k in dms_kl),
+                default=0.0)
     out = list(res["rows"])
     for policy, by in found.items():
-        if policy is None:
-            continue
         row = {"method": policy}
         for g, old in by.items():  # policy - DMS, plus DMS - deferred DMS
             row[f"{g}_by_text"] = [x + y for x, y in zip(old, shift[f"{g}_by_text"])]
-            t = torch.tensor(row[f"{g}_by_text"], dtype=torch.float64)
-            row[g] = {"text": paired_gap([torch.zeros_like(t)], [t], block=1, min_blocks=1)}
+            row[g] = {"text": text_interval(row[f"{g}_by_text"])}
         for m, g in (("kl_per_token", "kl_gap"), ("greedy_agreement", "agreement_gap"),
                      ("kl_after_fill", "kl_gap_after_fill"), ("agreement_after_fill", "agreement_gap_after_fill")):
             if f"{g}_by_text" in row:
@@ -223,8 +225,7 @@ def merge(parts: list[dict], sources: list[str] | None = None) -> dict:
                     continue
                 by = [v for x in mine for v in x[f"{g}_by_text"]]
                 row[f"{g}_by_text"] = by
-                row[g] = {"text": paired_gap([torch.zeros(len(by), dtype=torch.float64)],
-                                             [torch.tensor(by, dtype=torch.float64)], block=1, min_blocks=1)}
+                row[g] = {"text": text_interval(by)}
                 if sources is not None:
                     files: dict[str, list[float]] = {}
                     for t, v in zip(index, by):
