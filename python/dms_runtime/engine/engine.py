@@ -221,7 +221,7 @@ class Engine:
         sch, made = self.scheduler, []
         for child in parent.pending_forks:
             child.tokens = list(parent.tokens)
-            if sch.free_slots and self.cache.budget.fork_pages() <= self.cache.free_top:
+            if sch.free_slots and self.cache.fork_pages(parent.slot) <= self.cache.free_top:
                 child.slot = sch.take_slot()
                 self.cache.fork(parent.slot, child.slot)
                 child.num_computed = parent.num_computed

@@ -110,7 +110,7 @@ class OpKernels:
         # the kernel keeps the sinks itself, from the positions (starts + t), not from the mask
         q, k, logits = torch.ops.dms.fused_project(
             q_lin, k_lin, cos, sin, attn.q_norm.weight if cfg.qk_norm else None,
-            attn.k_norm.weight if cfg.qk_norm else None, adapter, cache.ring_evict, lists, plan.starts, plan.n_new,
+            attn.k_norm.weight if cfg.qk_norm else None, adapter, cache.ring_mark, lists, plan.starts, plan.n_new,
             cfg.num_kv_heads, variant, cfg.rms_norm_eps, dms.alpha_scale if dms else 1.0,
             dms.initial_alpha_offset if dms else 0.0, dms.sink_tokens if cfg.dms_active else 0)
         return q, k, (logits if cfg.dms_active else None)

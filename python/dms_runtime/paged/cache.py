@@ -13,6 +13,16 @@ A token whose window ends with an *evict* decision is simply not copied to the k
 ring slot is overwritten by the token ``w`` positions later. After processing positions ``0..t``
 a list holds exactly ``min(t + 1, w) + kept`` tokens, the minimum of the semantics (§3).
 
+**Deferred eviction** (``PagedConfig.defer_budget`` > 0): a sequence may hold up to
+``defer_budget`` tokens per list on average (``defer_budget * layers * kv_heads`` in all) the way a
+heuristic at that budget does. Every token leaving the window then goes to the kept store, marked
+ones with their position in ``marked_pos``; attention sees the ring and the new chunk without the
+window rule (their decisions go to ``ring_mark``, ``ring_evict`` stays keep). After each step, while
+the sequence holds more than its pool, its oldest marked keys (position, then layer, then KV head)
+leave: each list's kept store closes the holes with its own last tokens (attention does not depend
+on the kept store's order) and gives back the pages past its new end. Query ``i`` then sees what
+``retrofit.deferred`` defines, with the pool's evictions at step boundaries (per position in decode).
+
 All bookkeeping is tensor operations over every list of a step at once. The pages a step may
 need are reserved before its first layer (the worst case of :class:`PageBudget`, counted on the
 host), so the per-layer record and store do no host work and never wait for the device; the
@@ -49,6 +59,7 @@ class PagedConfig:
     max_model_len: int | None = None
     prefill_chunk: int = 512
     attention: str = "auto"
+    defer_budget: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -61,6 +72,7 @@ class PagedConfig:
         self.num_pages = V.optional_integer("num_pages", self.num_pages, 1, V.MAX_PAGES)
         self.kv_memory_bytes = V.optional_integer("kv_memory_bytes", self.kv_memory_bytes, 1)
         self.max_model_len = V.optional_integer("max_model_len", self.max_model_len, 1, V.MAX_TOKENS)
+        self.defer_budget = V.integer("defer_budget", self.defer_budget, 0, V.MAX_TOKENS)
         if not isinstance(self.attention, str):
             raise V.SettingTypeError(f"attention: expected a backend name (a string), got {self.attention!r}")
 
@@ -79,6 +91,9 @@ class PagedKVCache:
     kept_len        [NL]                int64, tokens in the kept store
     ring_evict      [NL, w]             bool, decision of the token in each ring slot
     seq_len         [max_seqs]          int64, positions processed by each slot
+
+    deferring (``defers``): ring_mark ``[NL, w]`` bool takes the decisions (ring_evict stays keep) and
+    marked_pos ``[(P + 1) * page_size]`` int32 the position of each marked token in a kept store (-1: kept).
     """
 
     def __init__(self, cfg: ModelConfig, pcfg: PagedConfig, dtype: torch.dtype, device, max_model_len: int):
@@ -125,6 +140,13 @@ class PagedKVCache:
         # row NL is spare, like page P: masked ring-decision writes go there
         self.ring_evict = torch.zeros((self.NL + 1, self.w), dtype=torch.bool, device=dev)
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=dev)
+        self.defers = self.evicts and pcfg.defer_budget > 0
+        self.pool_tokens = pcfg.defer_budget * self.L * self.H  # per sequence
+        # where decisions are recorded: a separate ring when deferring, so attention and the store
+        # see every ring token as kept
+        self.ring_mark = torch.zeros_like(self.ring_evict) if self.defers else self.ring_evict
+        self.marked_pos = (torch.full(((self.P + 1) * self.ps,), -1, dtype=torch.int32, device=dev)
+                           if self.defers else None)
         self.kept_bound = [0] * self.max_seqs  # host: no list of the slot holds more kept tokens
         self.peak_pages = 0
         self._heads = torch.arange(self.H, device=dev)
@@ -133,6 +155,8 @@ class PagedKVCache:
         """Bytes the pool and its tables take (checked against free memory before allocating)."""
         pool = 2 * (self.P + 1) * self.ps * self.D * self.dtype.itemsize + self.P * (4 + 8)
         tables = self.NL * ((self.R + self.K) * 8 + 8 + self.w) + self.max_seqs * 8
+        if self.evicts and self.pcfg.defer_budget > 0:
+            tables += self.NL * self.w + (self.P + 1) * self.ps * 4
         return pool + tables
 
     # ------------------------------------------------------------------ addressing
@@ -213,7 +237,10 @@ class PagedKVCache:
 
     def finish_step(self, plan) -> int:
         """After the last layer: return the reserved kept pages nobody filled, advance the rows'
-        positions, tighten the host's kept bounds. One sync; returns the tokens attention read."""
+        positions, tighten the host's kept bounds. One sync (two when deferred keys may leave);
+        returns the tokens attention read."""
+        if self.defers:
+            self._drop_marked(plan)
         lists = plan.lists.reshape(-1)
         kcols = self.page_table[lists, self.R :]  # [N, K]
         used = (self.kept_len[lists] + self.ps - 1) // self.ps
@@ -233,6 +260,48 @@ class PagedKVCache:
         self.peak_pages = max(self.peak_pages, self.pages_in_use)
         return read
 
+    def _drop_marked(self, plan) -> None:
+        """Deferring, after a step's last layer: every sequence of the step that holds more than its
+        pool loses its oldest marked keys (position, then layer, then KV head), as many as it holds
+        over the pool or as it has; each list fills the holes with its own last kept-store tokens."""
+        n_lists = self.L * self.H
+        ends = [s + n for s, n in zip(plan.starts_host, plan.n_new_host)]
+        kmax = min(max(self.kept_bound[s] for s in plan.slots_host), self.K * self.ps)
+        if kmax == 0 or all(e * n_lists <= self.pool_tokens for e in ends):
+            return  # nothing is marked out of the window yet, or no sequence can hold more than its pool
+        dev, ps, bsz = self.device, self.ps, plan.batch
+        lists = plan.lists.permute(1, 0, 2).reshape(bsz, n_lists)  # [B, N] in (layer, KV head) order
+        kept = self.kept_len[lists]
+        idx = torch.arange(kmax, device=dev)
+        valid = idx < kept[..., None]  # [B, N, kmax]
+        pages = torch.gather(self.page_table[lists][..., self.R:], -1, (idx // ps).expand(bsz, n_lists, kmax))
+        flat = torch.where(valid & (pages >= 0), pages * ps + idx % ps, self.trash)
+        pos = self.marked_pos[flat].long()
+        marked = valid & (pos >= 0)
+        held = torch.clamp(plan.starts + plan.n_new, max=self.w) * n_lists + kept.sum(1)
+        n_drop = torch.minimum(held - self.pool_tokens, marked.sum((1, 2))).clamp(min=0)  # [B]
+        most = int(n_drop.max())
+        if most == 0:
+            return
+        order = torch.where(marked, pos * n_lists + torch.arange(n_lists, device=dev)[None, :, None],
+                            torch.iinfo(torch.int64).max)
+        oldest = torch.topk(order.view(bsz, -1), most, largest=False, sorted=True).values  # [B, most]
+        cut = torch.where(n_drop > 0, oldest.gather(1, (n_drop - 1).clamp(min=0)[:, None])[:, 0], -1)
+        drop = marked & (order <= cut[:, None, None])
+        left = kept - drop.sum(-1)
+        # holes below the new end take, in order, the surviving tokens at or past it
+        hole = drop & (idx < left[..., None])
+        move = valid & ~drop & (idx >= left[..., None])
+        spare = torch.full_like(flat[..., :1], self.trash)
+        by_rank = torch.cat([torch.full_like(flat, self.trash), spare], -1)
+        by_rank.scatter_(-1, torch.where(hole, hole.cumsum(-1) - 1, kmax), torch.where(hole, flat, self.trash))
+        by_rank[..., kmax] = self.trash
+        dest = torch.gather(by_rank, -1, torch.where(move, move.cumsum(-1) - 1, kmax)).reshape(-1)
+        src = torch.where(move, flat, self.trash).reshape(-1)
+        for store in (self.k_pool.view(-1, self.D), self.v_pool.view(-1, self.D), self.marked_pos):
+            store[dest] = store[src]
+        self.kept_len[lists] = left
+
     # ------------------------------------------------------------------ per layer (no host work)
 
     def record_previous_decision(self, lists, starts, prev_evict) -> None:
@@ -240,8 +309,30 @@ class PagedKVCache:
 
         lists ``[B, H]``, starts ``[B]``, prev_evict ``[B, H]`` bool."""
         slot = torch.remainder(starts - 1, self.w)[:, None].expand_as(lists)
-        old = self.ring_evict[lists, slot]
-        self.ring_evict[lists, slot] = torch.where((starts >= 1)[:, None], prev_evict, old)
+        old = self.ring_mark[lists, slot]
+        self.ring_mark[lists, slot] = torch.where((starts >= 1)[:, None], prev_evict, old)
+
+    def record_marks(self, plan, lists, kept0, new_mark) -> None:
+        """Deferring: before the store, give every token this step moves to the kept store (all that
+        leave the window, in position order, as the store appends them) its position if marked (-1 if
+        kept) in ``marked_pos``, and the new tokens that stay in the ring their marks in ``ring_mark``.
+        lists/kept0 ``[B, H]``, new_mark ``[B, H, T]`` bool."""
+        b, h, t = new_mark.shape
+        w, ps = self.w, self.ps
+        ring_mark = torch.gather(self.ring_mark[lists], -1, plan.ring_order[:, None, :].expand(b, h, w))
+        a = torch.arange(t, device=new_mark.device)
+        new_pos = plan.starts[:, None] + a[None, :]  # [B, T]
+        leave = torch.cat([plan.ring_leaving, plan.new_leaving], -1)[:, None, :]  # [B, 1, w + T]
+        pos = torch.cat([plan.ring_pos, new_pos], -1)[:, None, :]
+        mark = torch.cat([ring_mark, new_mark], -1)  # [B, H, w + T]
+        dest = torch.clamp(kept0[..., None] + torch.cumsum(leave.expand(b, h, w + t), -1) - 1, min=0)
+        page = torch.gather(self.page_table[lists], -1, self.R + dest // ps)
+        flat = torch.where(leave & (page >= 0), page * ps + dest % ps, self.trash)
+        self.marked_pos[flat.reshape(-1)] = torch.where(mark, pos, -1).to(torch.int32).reshape(-1)
+        ends = plan.starts + plan.n_new
+        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
+        rows = torch.where(into_ring[:, None, :], lists[..., None], self.NL)
+        self.ring_mark[rows, torch.remainder(new_pos, w)[:, None, :].expand(b, h, t)] = new_mark
 
     def leaving_kept(self, plan, lists, new_evict) -> torch.Tensor:
         """``[B, H, w + T]``: which tokens leave the window kept in this step, in position order
@@ -289,18 +380,26 @@ class PagedKVCache:
         self.page_table[rows] = -1
         self.kept_len[rows] = 0
         self.ring_evict[rows] = False
+        self.ring_mark[rows] = False
         self.seq_len[slot] = 0
         self.kept_bound[slot] = 0
 
+    def fork_pages(self, slot: int) -> int:
+        """Upper bound on the pages forking sequence ``slot`` copies (host ints)."""
+        if not self.defers:
+            return self.budget.fork_pages()
+        return self.budget.lists * (self.R + math.ceil(self.kept_bound[slot] / self.ps))
+
     def fork(self, parent: int, child: int) -> None:
         """The child shares the parent's full kept pages (they are append-only); the pages it will
-        write — the ring and a partly filled last kept page — are copied (copy-on-write, eagerly)."""
+        write — the ring and a partly filled last kept page — are copied (copy-on-write, eagerly).
+        Deferring, kept stores are rewritten when marked keys leave, so every page is copied."""
         src, dst = self.seq_lists(parent), self.seq_lists(child)
         R, ps = self.R, self.ps
         kept = self.kept_len[src]
         full_pages = kept // ps
         cols = torch.arange(self.K, device=self.device)
-        shared = cols[None, :] < full_pages[:, None]  # [N, K]
+        shared = (cols[None, :] < full_pages[:, None]) & (not self.defers)  # [N, K]
         table = self.page_table[src]
         self.page_table[dst] = -1
         kept_part = table[:, R:]
@@ -309,16 +408,23 @@ class PagedKVCache:
         self.page_ref.index_put_((sp,), torch.ones_like(sp, dtype=torch.int32), accumulate=True)
         # pages to copy: ring pages that exist, and the partial last kept page
         copy_ring = table[:, :R] >= 0
-        partial = (kept % ps) != 0
         li, ci = copy_ring.nonzero(as_tuple=True)
-        lp = partial.nonzero(as_tuple=True)[0]
+        if self.defers:
+            lp, cp = (cols[None, :] < ((kept + ps - 1) // ps)[:, None]).nonzero(as_tuple=True)
+        else:
+            lp = ((kept % ps) != 0).nonzero(as_tuple=True)[0]
+            cp = full_pages[lp]
         all_l = torch.cat([li, lp])
-        all_c = torch.cat([ci, R + full_pages[lp]])
+        all_c = torch.cat([ci, R + cp])
         self._alloc(dst[all_l], all_c)
         old = table[all_l, all_c]
         new = self.page_table[dst[all_l], all_c]
         self.k_pool[new] = self.k_pool[old]
         self.v_pool[new] = self.v_pool[old]
+        if self.defers:
+            marks = self.marked_pos.view(self.P + 1, ps)
+            marks[new] = marks[old]
+            self.ring_mark[dst] = self.ring_mark[src]
         self.kept_len[dst] = kept
         self.ring_evict[dst] = self.ring_evict[src]
         self.seq_len[child] = self.seq_len[parent]

@@ -15,7 +15,7 @@ class PagedStep:
     The step's :class:`StepPlan` (built once, pages reserved) holds everything that does not
     depend on the layer's data; per layer: record the decision of the previous key, attend over
     the held tokens plus the new chunk, then store (tokens leaving the window go to the kept
-    store or are dropped). Nothing here reads a device value on the host, so a step can be
+    store or are dropped; deferring, all go to the kept store with their marks). Nothing here reads a device value on the host, so a step can be
     compiled whole or captured in a CUDA graph.
     """
 
@@ -46,6 +46,9 @@ class PagedStep:
             new_evict = nxt & (a[None, None, :] + 1 < plan.n_new[:, None, None])  # the last new key: keep
             if self._record:
                 c.record_previous_decision(lists, plan.starts, logits[..., 0] > 0)
+        if c.defers:  # the marks go to marked_pos / ring_mark; attention and the store see keep
+            c.record_marks(plan, lists, plan.kept0[layer], new_evict)
+            new_evict = torch.zeros_like(new_evict)
         ring_evict = c.ring_evict[lists]
         out = self.kernels.attend(c, plan, layer, q, k, v, new_evict, ring_evict)
         plan.tokens_read += (plan.n_ring[:, None] + plan.kept0[layer]).sum()  # read on the host once per step

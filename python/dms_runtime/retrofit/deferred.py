@@ -21,8 +21,10 @@ gone after position ``t``, ``E(t) = min(max(0, (t + 1) * N - pool), M(t - w))``,
 old, so a pass in chunks of at most ``w`` positions (:func:`deferred_forward`) computes it exactly,
 planned once per chunk for every layer.
 
-The paged runtime does not do this (its kept store is append-only and a marked key's slot is reused);
-this measures what building it would buy at the same peak memory.
+The paged runtime does the same with ``PagedConfig.defer_budget`` (``pool = defer_budget * N``), with the
+pool's evictions between its steps: a step's queries all see what was held after the step before, and its
+own chunk without the window rule (one position per step in decode, so there the two agree exactly). With
+``per_step=True`` this backend does that instead, for passes of any length; the runtime is tested against it.
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ from .policies import masked_attention
 
 class DeferredAttention:
     """Attention backend for a chunked teacher-forced pass of one sequence (batch 1) under the rule above;
-    call the model on consecutive chunks of at most ``window`` positions from 0 (:func:`deferred_forward`).
+    call the model on consecutive chunks of at most ``window`` positions from 0 (:func:`deferred_forward`);
+    ``per_step``: chunks of any length, every query of a chunk seeing what was held before it (the paged
+    runtime's steps), so the pool's evictions happen between chunks.
     Keeps every layer's keys, values and eviction logits. ``held_peak``: the most tokens held after any
     position, over all lists (the measure of ``evaluate.fidelity``); ``reads``: K/V tokens read by all
     queries."""
 
-    def __init__(self, window: int, pool: int, layers: int, kv_heads: int):
+    def __init__(self, window: int, pool: int, layers: int, kv_heads: int, per_step: bool = False):
+        if not isinstance(per_step, bool):
+            raise ValueError(f"per_step: expected a bool, got {per_step!r}")
+        self.per_step = per_step
         for name, value, low in (("window", window, 1), ("pool", pool, 0), ("layers", layers, 1),
                                  ("kv_heads", kv_heads, 1)):
             if not isinstance(value, int) or value < low:
@@ -76,7 +83,7 @@ class DeferredAttention:
         return torch.minimum(((t + 1) * self.lists - self.pool).clamp(min=0), m)
 
     def _plan_chunk(self, start: int, n: int) -> None:
-        if n > self.window:
+        if n > self.window and not self.per_step:
             raise ValueError(f"chunk: expected at most window={self.window} positions, got {n}")
         if start != self.length:
             raise ValueError(f"positions: expected the chunk after position {self.length - 1}, got one from {start}")
@@ -87,8 +94,8 @@ class DeferredAttention:
         else:
             marked = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.bool)
             rank = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.long)
-        queries = torch.arange(start, start + n)
-        self._plan = (start, marked, rank, self.gone_counts(marked, queries - 1))
+        before = torch.full((n,), start) if self.per_step else torch.arange(start, start + n)
+        self._plan = (start, marked, rank, self.gone_counts(marked, before - 1))
 
     def attend(self, layer, q, k, v, logits):
         b, hq, n, d = q.shape
@@ -126,14 +133,20 @@ class DeferredAttention:
 
 
 @torch.inference_mode()
-def deferred_forward(model, ids: list[int], window: int, pool: int) -> tuple[torch.Tensor, DeferredAttention]:
+def deferred_forward(model, ids: list[int], window: int, pool: int,
+                     steps: list[int] | None = None) -> tuple[torch.Tensor, DeferredAttention]:
     """Teacher-forced logits ``[1, T, V]`` of token ids ``ids`` (positions from 0) under
-    :class:`DeferredAttention` with ``pool`` tokens, in chunks of ``window`` positions; and the backend."""
+    :class:`DeferredAttention` with ``pool`` tokens, in chunks of ``window`` positions; and the backend.
+    ``steps``: the lengths of the passes instead, with the pool's evictions between them (``per_step``)."""
     cfg = model.config
-    backend = DeferredAttention(window, pool, cfg.num_layers, cfg.num_kv_heads)
+    if steps is not None and (not all(isinstance(n, int) and n >= 1 for n in steps) or sum(steps) != len(ids)):
+        raise ValueError(f"steps: expected positive lengths adding up to {len(ids)} positions, got {steps!r}")
+    backend = DeferredAttention(window, pool, cfg.num_layers, cfg.num_kv_heads, per_step=steps is not None)
+    if steps is None:
+        steps = [min(window, len(ids) - a) for a in range(0, len(ids), window)]
     t = torch.tensor([ids], device=model.device)
-    out = []
-    for a in range(0, len(ids), window):
-        b = min(len(ids), a + window)
-        out.append(model(t[:, a:b], torch.arange(a, b, device=model.device)[None], backend))
+    out, a = [], 0
+    for n in steps:
+        out.append(model(t[:, a:a + n], torch.arange(a, a + n, device=model.device)[None], backend))
+        a += n
     return torch.cat(out, 1), backend
