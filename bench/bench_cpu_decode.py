@@ -17,6 +17,8 @@ transformers of the same run.
         --model lora=bench/runs/cr8-lora16     # any model or retrofit folder as one more system of ours
     python bench/bench_cpu_decode.py --lengths 1024 --batch 1 --systems lora,lora-apart,transformers \
         --model lora=R --model lora-apart=R --lora-apart lora-apart   # a LoRA update merged vs kept apart
+    python bench/bench_cpu_decode.py --lengths 4096 --batch 1 --systems dms-cr8,cr8-deferred,transformers \
+        --model cr8-deferred=smollm2-135m-instruct-dms-cr8 --defer cr8-deferred=576   # deferred eviction
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ OURS = {"dms-cr8": "smollm2-135m-instruct-dms-cr8", "dms-cr4": "smollm2-135m-ins
         "vanilla": "smollm2-135m-instruct"}
 SYSTEMS = (*OURS, "transformers")
 APART: set[str] = set()  # systems loaded with merge_lora=False (--lora-apart)
+DEFER: dict[str, int] = {}  # systems run with PagedConfig.defer_budget (--defer)
 
 
 def prompts_for(length: int, batch: int, vocab: int, seed: int) -> list[list[int]]:
@@ -63,7 +66,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def run_ours(name: str, prompts, decode_tokens: int, chunk: int) -> dict:
     lm = dr.load(OURS[name], merge_lora=name not in APART)
-    cfg = PagedConfig(max_seqs=len(prompts), prefill_chunk=chunk)
+    cfg = PagedConfig(max_seqs=len(prompts), prefill_chunk=chunk, defer_budget=DEFER.get(name, 0))
     t0 = time.perf_counter()
     res = dr.generate(lm, prompts, max_new_tokens=decode_tokens + 1, ignore_eos=True, paged=cfg)
     wall = time.perf_counter() - t0
@@ -75,7 +78,8 @@ def run_ours(name: str, prompts, decode_tokens: int, chunk: int) -> dict:
     return {"prefill_s": st.prefill_s, "decode_tok_s": st.decode_tokens_per_s, "decode_steps": steps,
             "step_ms": step_s * 1e3, "kv_bytes_per_step": kv, "weight_bytes": w,
             "bytes_per_s": (w + kv) / max(step_s, 1e-12), "backend": st.backend, "wall_s": wall,
-            "compression": st.kv.compression_ratio, "tokens": [o.token_ids for o in res.outputs]}
+            "compression": st.kv.compression_ratio, "defer_budget": st.extra["defer_budget"],
+            "kv_peak_bytes": st.extra["pool_peak_bytes"], "tokens": [o.token_ids for o in res.outputs]}
 
 
 @torch.inference_mode()
@@ -101,9 +105,10 @@ def run_transformers(folder: Path, prompts, decode_tokens: int) -> dict:
     step_s = decode / max(decode_tokens, 1)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     mean_ctx = length + (decode_tokens + 1) / 2  # positions read, averaged over the decode steps
-    kv = int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4 * mean_ctx * b)
+    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    kv = int(token_bytes * mean_ctx * b)
     w = weight_bytes(model)
-    return {"prefill_s": prefill, "decode_tok_s": b * decode_tokens / max(decode, 1e-12), "decode_steps": decode_tokens,
+    return {"prefill_s": prefill, "kv_peak_bytes": token_bytes * (length + decode_tokens) * b, "decode_tok_s": b * decode_tokens / max(decode, 1e-12), "decode_steps": decode_tokens,
             "step_ms": step_s * 1e3, "kv_bytes_per_step": kv, "weight_bytes": w,
             "bytes_per_s": (w + kv) / max(step_s, 1e-12), "backend": "transformers/DynamicCache",
             "tokens": torch.cat(tokens, 1).tolist()}
@@ -113,15 +118,16 @@ def render(record: dict) -> str:
     lines = [f"`{record['command']}`", "",
              f"{record['machine']}, {record['threads']} threads, torch {record['torch']}, commit {record['commit']}, "
              f"{record['decode_tokens']} decode tokens, fp32, greedy", "",
-             "| length | batch | system | backend | prefill s | decode tok/s | x transformers | KV MB read / step "
-             "| GB/s (weights + KV) | x transformers |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| length | batch | system | backend | prefill s | decode tok/s | x transformers | KV MB held (peak) "
+             "| KV MB read / step | GB/s (weights + KV) | x transformers |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in record["rows"]:
         base = next(r for r in record["rows"] if r["length"] == row["length"] and r["batch"] == row["batch"]
                     and r["system"] == "transformers")
         lines.append(
             f"| {row['length']} | {row['batch']} | {row['system']} | {row['backend']} | {row['prefill_s']:.2f} "
             f"| {row['decode_tok_s']:.2f} | {row['decode_tok_s'] / base['decode_tok_s']:.2f}x "
-            f"| {row['kv_bytes_per_step'] / 1e6:.1f} | {row['bytes_per_s'] / 1e9:.2f} "
+            f"| {row.get('kv_peak_bytes', float('nan')) / 1e6:.1f} | {row['kv_bytes_per_step'] / 1e6:.1f} | {row['bytes_per_s'] / 1e9:.2f} "
             f"| {row['bytes_per_s'] / base['bytes_per_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -139,6 +145,8 @@ def main():
                     help="one more system of ours: a model name or folder (a retrofit folder too), named LABEL")
     ap.add_argument("--lora-apart", nargs="+", default=[], metavar="LABEL",
                     help="load these --model systems with the LoRA update kept apart (merge_lora=False)")
+    ap.add_argument("--defer", nargs="+", default=[], metavar="LABEL=TOKENS",
+                    help="run these --model systems with deferred eviction (PagedConfig.defer_budget=TOKENS)")
     ap.add_argument("--json", type=Path, help="write the record here")
     ap.add_argument("--render", type=Path, help="write the markdown table here")
     args = ap.parse_args()
@@ -151,6 +159,11 @@ def main():
         if label not in OURS or label in SYSTEMS:
             raise SystemExit(f"--lora-apart: expected a label given with --model, got {label!r}")
         APART.add(label)
+    for spec in args.defer:
+        label, sep, tokens = spec.partition("=")
+        if not sep or label not in OURS or label in SYSTEMS or not tokens.isdigit():
+            raise SystemExit(f"--defer: expected LABEL=TOKENS for a label given with --model, got {spec!r}")
+        DEFER[label] = int(tokens)
     systems = args.systems.split(",")
     for s in systems:
         if s not in (*SYSTEMS, *OURS):
@@ -189,7 +202,8 @@ def main():
                                                                ("decode_tokens", args.decode_tokens),
                                                                ("threads", args.threads), ("systems", args.systems)))
               + "".join(f" --model {m}" for m in args.model)
-              + (f" --lora-apart {' '.join(args.lora_apart)}" if args.lora_apart else ""),
+              + (f" --lora-apart {' '.join(args.lora_apart)}" if args.lora_apart else "")
+              + (f" --defer {' '.join(args.defer)}" if args.defer else ""),
               "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
               "threads": args.threads, "torch": torch.__version__, "commit": commit,
               "decode_tokens": args.decode_tokens, "rows": rows}

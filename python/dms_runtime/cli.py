@@ -35,6 +35,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--samples", type=cli_int(1, V.MAX_SAMPLES), default=1,
                    help="parallel samples per prompt (paged; share prompt pages)")
     p.add_argument("--page-size", type=cli_int(1, V.MAX_PAGE_SIZE), default=16)
+    p.add_argument("--defer-budget", type=cli_int(0, V.MAX_TOKENS), default=0, metavar="TOKENS",
+                   help="deferred eviction (paged): keys DMS marks stay while a sequence holds fewer than TOKENS "
+                        "per layer and KV head on average, oldest leave first (default 0: DMS's minimum)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -48,6 +51,9 @@ def _generate(args) -> int:
     prompts = list(args.prompts) + list(args.more_prompts)
     if not prompts:
         print("dms generate: give at least one prompt (positional or --prompt)", file=sys.stderr)
+        return 2
+    if args.defer_budget and args.backend != "paged":
+        print("dms generate: --defer-budget needs the paged backend", file=sys.stderr)
         return 2
     dms = V.dms_overrides(args)
     if args.no_eviction:
@@ -81,7 +87,7 @@ def _generate(args) -> int:
         prompts,
         chat=False if args.no_chat else None,
         backend=args.backend,
-        **({"n": args.samples, "paged": PagedConfig(page_size=args.page_size)} if args.backend == "paged" else {}),
+        **({"n": args.samples, "paged": PagedConfig(page_size=args.page_size, defer_budget=args.defer_budget)} if args.backend == "paged" else {}),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -123,7 +129,8 @@ def _stream(lm, prompts, args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     ids = encode_prompts(lm, prompts, False if args.no_chat else None)
     engine = Engine(lm.model, PagedConfig(page_size=args.page_size, max_seqs=len(ids) * args.samples,
-                                          max_model_len=max(map(len, ids)) + args.max_new_tokens),
+                                          max_model_len=max(map(len, ids)) + args.max_new_tokens,
+                                          defer_budget=args.defer_budget),
                     eos_ids=lm.eos_ids, tokenizer=lm.tokenizer)
     owner = {}
     for i, p in enumerate(ids):

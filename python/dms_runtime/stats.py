@@ -58,6 +58,8 @@ class GenerationStats:
     def line(self) -> str:
         kv = self.kv
         mode = f"DMS eviction on (window {self.window})" if self.eviction else "eviction off (vanilla)"
+        if self.eviction and self.extra.get("defer_budget"):
+            mode += f", deferred to {self.extra['defer_budget']} tokens per layer and KV head"
         return (
             f"[stats] backend={self.backend} {mode} | prompt {self.prompt_tokens} tok, generated "
             f"{self.generated_tokens} tok in {self.elapsed_s:.2f} s ({self.tokens_per_s:.1f} tok/s, decode "

@@ -52,3 +52,18 @@ def test_stream_and_samples(tiny_with_tokenizer, capsys):
 def test_reference_backend_from_the_cli(tiny_with_tokenizer, capsys):
     rc = main(["generate", "-m", str(tiny_with_tokenizer), "-n", "2", "--backend", "oracle", "--json", "Hi"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["stats"]["backend"] == "oracle"
+
+
+def test_deferred_eviction_from_the_cli(tiny_with_tokenizer, capsys):
+    common = ["generate", "-m", str(tiny_with_tokenizer), "-n", "12", "--ignore-eos", "--no-chat", "--dms-window", "2",
+              "--dms-offset", "0", "--json", "A prompt that is long enough for the window to matter here"]
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(common + ["--defer-budget", "1000"]) == 0
+    deferred = json.loads(capsys.readouterr().out)
+    assert deferred["stats"]["extra"]["defer_budget"] == 1000 and plain["stats"]["extra"]["defer_budget"] == 0
+    # a pool bigger than the sequence: nothing leaves, so every position is held
+    assert deferred["stats"]["kv"]["live_tokens"] == deferred["stats"]["kv"]["dense_tokens"]
+    assert plain["stats"]["kv"]["live_tokens"] < plain["stats"]["kv"]["dense_tokens"]
+    assert main(common + ["--defer-budget", "8", "--backend", "oracle"]) == 2
+    assert "--defer-budget needs the paged backend" in capsys.readouterr().err

@@ -204,6 +204,8 @@ def test_split_errors_name_the_numbers(tiny_factory):
         dr.generate(lm, [[1, 2, 3]], max_new_tokens=1, tensor_parallel=2)
     with pytest.raises(ValueError, match=r"tensor_parallel=2: the model was loaded whole"):
         dr.Engine(lm.model, tensor_parallel=2)
+    with pytest.raises(ValueError, match=r"defer_budget=8: deferred eviction .* give defer_budget=0"):
+        dr.Engine(lm.model, dr.PagedConfig(defer_budget=8), tensor_parallel=2)
 
 
 def test_world_size_mismatch_fails_at_start(tiny_factory, monkeypatch, capsys):

@@ -16,8 +16,9 @@ class StepByStep:
     joins one queue in (position, layer, KV head) order; after each position the oldest marked keys out
     of the window leave while the cache holds more than ``pool`` tokens."""
 
-    def __init__(self, window, pool, layers, kv_heads, length):
+    def __init__(self, window, pool, layers, kv_heads, length, drop_at=None):
         self.w, self.pool = window, pool
+        self.drop_at = drop_at  # positions before which keys may leave (default: every position)
         self.held = torch.zeros((layers, kv_heads, length), dtype=torch.bool)
         self.k, self.v, self.logit = [[] for _ in range(layers)], [[] for _ in range(layers)], [[] for _ in range(layers)]
         self.queue = deque()
@@ -26,7 +27,8 @@ class StepByStep:
     def attend(self, layer, q, k, v, logits):
         i = len(self.k[layer])
         if layer == 0 and i:  # the cache after position i - 1, before position i is appended
-            while self.held.sum() > self.pool and self.queue and self.queue[0][0] <= i - 1 - self.w:
+            while (self.drop_at is None or i in self.drop_at) and self.held.sum() > self.pool and self.queue \
+                    and self.queue[0][0] <= i - 1 - self.w:
                 j, lay, h = self.queue.popleft()
                 self.held[lay, h, j] = False
             self.held_after.append(int(self.held.sum()))
@@ -49,9 +51,9 @@ class StepByStep:
         return out
 
 
-def step_by_step(lm, ids, window, pool):
+def step_by_step(lm, ids, window, pool, drop_at=None):
     cfg = lm.config
-    ref = StepByStep(window, pool, cfg.num_layers, cfg.num_kv_heads, len(ids))
+    ref = StepByStep(window, pool, cfg.num_layers, cfg.num_kv_heads, len(ids), drop_at)
     with torch.inference_mode():
         out = [lm.model(torch.tensor([[x]]), torch.tensor([[p]]), ref) for p, x in enumerate(ids)]
     while ref.held.sum() > pool and ref.queue and ref.queue[0][0] <= len(ids) - 1 - window:  # after the last
@@ -77,6 +79,26 @@ def test_deferred_matches_token_by_token(tiny_with_tokenizer, window, length, po
     want, held = step_by_step(lm, ids, window, pool)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert backend.held_over_time.tolist() == held
+
+
+@pytest.mark.parametrize("steps", [[13], [5, 8], [2, 9, 1, 1], [1] * 13])
+@pytest.mark.parametrize("pool_share", [0.2, 0.5])
+def test_per_step_evicts_only_between_passes(tiny_with_tokenizer, steps, pool_share):
+    """The paged runtime's rule: a pass of any length sees what was held before it and all of its own
+    chunk; the pool's evictions happen between passes (one position per pass: the rule per position)."""
+    lm = model(tiny_with_tokenizer, 3)
+    lists = lm.config.num_layers * lm.config.num_kv_heads
+    ids = torch.randint(0, 1000, (13,)).tolist()
+    pool = int(pool_share * 13 * lists)
+    got, backend = deferred_forward(lm.model, ids, 3, pool, steps=steps)
+    bounds = {sum(steps[:k]) for k in range(1, len(steps))}
+    want, held = step_by_step(lm, ids, 3, pool, drop_at=bounds)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # after the last pass the pool's rule applies again, so the count matches the per-position one
+    assert int(backend.held_over_time[-1]) == held[-1]
+    if len(steps) > 1:  # evicting per position instead gives other logits: the test can fail
+        per_position, _ = deferred_forward(lm.model, ids, 3, pool)
+        assert not torch.allclose(per_position, got, atol=2e-4, rtol=1e-4) or steps == [1] * 13
 
 
 def test_pool_zero_is_dms_and_a_full_pool_is_full_attention(tiny_with_tokenizer):
@@ -123,5 +145,7 @@ def test_bad_arguments_are_refused(tiny_with_tokenizer):
     backend = DeferredAttention(4, 5, lm.config.num_layers, lm.config.num_kv_heads)
     with pytest.raises(ValueError, match="chunk"):
         lm.model(torch.zeros((1, 5), dtype=torch.long), torch.arange(5)[None], backend)
+    with pytest.raises(ValueError, match="steps: expected positive lengths adding up to 5"):
+        deferred_forward(lm.model, [1, 2, 3, 4, 5], 4, 5, steps=[2, 2])
     with pytest.raises(ValueError, match="logits"):
         backend.attend(0, torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8), None)

@@ -13,6 +13,7 @@ from dms_runtime.serve import ServeConfig
     (["serve", "--threads", "0"], ["--threads", ">= 1"]),
     (["serve", "--max-seqs", "0"], ["max_seqs", ">= 1"]),
     (["serve", "--max-waiting", "-1"], ["max_waiting", ">= 0"]),
+    (["serve", "--defer-budget", "-1"], ["defer_budget", ">= 0"]),
     (["serve", "--api-key", ""], ["api_key", "non-empty"]),
     (["serve", "--kv-memory", "0"], ["kv_memory_bytes", ">= 1"]),
 ])

@@ -78,6 +78,10 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         if getattr(model, "tp", None) is not None or tensor_parallel not in (None, 1):
+            if self.cache.defers:
+                raise ValueError(f"defer_budget={self.config.defer_budget}: deferred eviction ranks the marked keys "
+                                 "of all KV heads of a sequence together; with tensor parallelism each rank holds "
+                                 "some heads, so give defer_budget=0")
             from ..parallel.engine import attach  # rank 0 of a sharded model: send each decision to every rank
 
             attach(self, tensor_parallel)

@@ -71,6 +71,7 @@ def generate_paged(
         extra={
             "page_size": cache.ps,
             "num_pages": cache.P,
+            "defer_budget": cache.pcfg.defer_budget if cache.defers else 0,
             "pool_peak_bytes": cache.peak_pages * cache.ps * cache.token_bytes,
             "pool_final_bytes": cache.bytes_in_use,
             "dense_peak_bytes": st.peak_dense_bytes,

@@ -34,7 +34,8 @@ DEFAULT_CHAT_TOKENS = 512  # at most; less when the context or the pool allows l
 class ServeConfig:
     """Settings of one server. ``kv_memory_bytes`` sizes the page pool (None: the engine's
     default); ``max_waiting`` sequences may wait beyond the ``max_seqs`` running ones before the
-    server answers 503; ``max_body_bytes`` bounds a request body."""
+    server answers 503; ``max_body_bytes`` bounds a request body; ``defer_budget``: deferred
+    eviction (``PagedConfig.defer_budget``, tokens per layer and KV head; 0: DMS's minimum)."""
 
     model_name: str
     max_seqs: int = 16
@@ -45,14 +46,17 @@ class ServeConfig:
     api_key: str | None = None
     max_waiting: int = 64
     max_body_bytes: int = 1 << 20
+    defer_budget: int = 0
 
     def __post_init__(self):
         for name in ("max_seqs", "page_size", "prefill_chunk", "max_body_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        if isinstance(self.max_waiting, bool) or not isinstance(self.max_waiting, int) or self.max_waiting < 0:
-            raise ValueError(f"max_waiting: expected an int >= 0, got {self.max_waiting!r}")
+        for name in ("max_waiting", "defer_budget"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
         for name in ("kv_memory_bytes", "max_model_len"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -69,7 +73,8 @@ class Server:
             raise ValueError(f"model: {lm.name!r} has no tokenizer; the server needs one to read and write text")
         self.lm, self.cfg = lm, cfg
         paged = PagedConfig(page_size=cfg.page_size, max_seqs=cfg.max_seqs, kv_memory_bytes=cfg.kv_memory_bytes,
-                            max_model_len=cfg.max_model_len, prefill_chunk=cfg.prefill_chunk)
+                            max_model_len=cfg.max_model_len, prefill_chunk=cfg.prefill_chunk,
+                            defer_budget=cfg.defer_budget)
         self.engine = Engine(lm.model, paged, eos_ids=lm.eos_ids, tokenizer=lm.tokenizer)
         cache = self.engine.cache
         self.metrics = ServerMetrics(cfg.model_name, cache.ps, cache.P)

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
                    help="sequences that may wait beyond the running ones; more get 503 with Retry-After")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + max_tokens (default: the model's context)")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--defer-budget", type=int, default=0, metavar="TOKENS",
+                   help="deferred eviction: keys DMS marks stay while a sequence holds fewer than TOKENS per layer "
+                        "and KV head on average, oldest leave first (default 0: DMS's minimum)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DMS_API_KEY)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -51,7 +54,8 @@ def run(args) -> int:
     key = args.api_key if args.api_key is not None else (os.environ.get("DMS_API_KEY") or None)
     cfg = ServeConfig(model_name=args.model, max_seqs=args.max_seqs, kv_memory_bytes=args.kv_memory,
                       page_size=args.page_size, max_model_len=args.max_model_len, api_key=key,
-                      max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+                      max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+                      defer_budget=args.defer_budget)
     lm = dr.load(args.model, dtype=args.dtype, device=args.device, tensor_parallel=args.tensor_parallel)
     if args.tensor_parallel > 1 and lm.model.tp.rank != 0:  # the HTTP server and the engine live on rank 0
         import signal
