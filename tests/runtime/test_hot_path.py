@@ -26,9 +26,10 @@ def lm(tiny_factory):
     return dr.load(folder)
 
 
-def decoding_engine(model, device="cpu", attention="torch"):
+def decoding_engine(model, device="cpu", attention="torch", defer_budget=0):
     """An engine whose three requests have prefilled and decoded a few tokens (some eviction)."""
-    eng = Engine(model, PagedConfig(page_size=4, max_seqs=3, max_model_len=64, attention=attention))
+    eng = Engine(model, PagedConfig(page_size=4, max_seqs=3, max_model_len=64, attention=attention,
+                                    defer_budget=defer_budget))
     for n in (9, 17, 3):
         eng.add_request(torch.randint(0, 131, (n,)).tolist(), SamplingParams(max_new_tokens=30, ignore_eos=True))
     while eng.stats.decode_steps < 6:
@@ -50,9 +51,10 @@ def forward_over_plan(model, cache, kernels, reqs, ids):
     return plan, step, positions
 
 
+@pytest.mark.parametrize("defer_budget", [0, 6])
 @torch.no_grad()
-def test_torch_decode_step_compiles_fullgraph_and_matches_eager(lm):
-    eng = decoding_engine(lm.model)
+def test_torch_decode_step_compiles_fullgraph_and_matches_eager(lm, defer_budget):
+    eng = decoding_engine(lm.model, defer_budget=defer_budget)
     reqs, ids = decode_inputs(eng)
     twin = copy.deepcopy(eng.cache)
     kernels = TorchKernels()
@@ -79,17 +81,20 @@ def test_torch_decode_step_compiles_fullgraph_and_matches_eager(lm):
         x in t for x in ("_local_scalar_dense", "_assert_scalar", "nonzero", "sym_size"))]
     assert len(captured) > 100 and synced == []
     assert eng.cache.finish_step(plan_e) == twin.finish_step(plan_c) > 0
-    for name in ("page_table", "kept_len", "ring_evict", "seq_len", "page_ref"):
+    for name in ("page_table", "kept_len", "ring_evict", "ring_mark", "seq_len", "page_ref"):
         assert torch.equal(getattr(eng.cache, name), getattr(twin, name)), name
+    if defer_budget:
+        assert torch.equal(eng.cache.marked_pos, twin.marked_pos)
     held = eng.cache.page_table[eng.cache.page_table >= 0].unique()
     assert torch.equal(eng.cache.k_pool[held], twin.k_pool[held])
     assert torch.equal(eng.cache.v_pool[held], twin.v_pool[held])
 
 
+@pytest.mark.parametrize("defer_budget", [0, 6])
 @torch.no_grad()
-def test_the_layer_loop_never_reads_a_device_value(lm, monkeypatch):
+def test_the_layer_loop_never_reads_a_device_value(lm, monkeypatch, defer_budget):
     """Eager: every way of reading a tensor on the host raises while the model runs over the plan."""
-    eng = decoding_engine(lm.model)
+    eng = decoding_engine(lm.model, defer_budget=defer_budget)
     reqs, ids = decode_inputs(eng)
     plan, step, positions = forward_over_plan(lm.model, eng.cache, TorchKernels(), reqs, ids)
 
