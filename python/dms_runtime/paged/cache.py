@@ -297,7 +297,8 @@ class PagedKVCache:
         by_rank.scatter_(-1, torch.where(hole, hole.cumsum(-1) - 1, kmax), torch.where(hole, flat, self.trash))
         by_rank[..., kmax] = self.trash
         dest = torch.gather(by_rank, -1, torch.where(move, move.cumsum(-1) - 1, kmax)).reshape(-1)
-        src = torch.where(move, flat, self.trash).reshape(-1)
+        moved = move.reshape(-1).nonzero().squeeze(1)  # only the moving tokens are copied (a sync, as above)
+        dest, src = dest[moved], flat.reshape(-1)[moved]
         for store in (self.k_pool.view(-1, self.D), self.v_pool.view(-1, self.D), self.marked_pos):
             store[dest] = store[src]
         self.kept_len[lists] = left
