@@ -171,3 +171,25 @@ def test_preemption_under_deferral_keeps_the_pool_consistent(lm):
 def test_bad_defer_budget(value):
     with pytest.raises((ValueError, TypeError), match="defer_budget"):
         PagedConfig(defer_budget=value)
+
+
+@pytest.mark.slow
+def test_shipped_cr8_deferred_follows_the_definition():
+    """The shipped CR 8 retrofit on text: the runtime's tokens and tokens held equal the definition's."""
+    from dms_runtime.retrofit.data import stdlib_documents
+
+    lm = dr.load("smollm2-135m-instruct-dms-cr8")
+    w, n_lists = lm.config.dms.window_size, lists(lm)
+    prompt = lm.tokenizer.encode("\n".join(stdlib_documents(limit=5, split="heldout")))[:400]
+    assert len(prompt) == 400
+    budget, chunk = 200, 128  # the pool fills during the prefill; DMS alone holds less (checked below)
+    got = dr.generate(lm, [prompt], max_new_tokens=8, ignore_eos=True,
+                      paged=PagedConfig(prefill_chunk=chunk, defer_budget=budget))
+    out = got.outputs[0]
+    logits, backend = deferred_forward(lm.model, prompt + out.token_ids[:-1], w, budget * n_lists,
+                                       steps=steps_of(len(prompt), chunk, len(out.token_ids)))
+    assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == out.token_ids
+    held = sum(map(sum, out.live_tokens))
+    assert held == int(backend.held_over_time[-1]) >= budget * n_lists
+    plain = dr.generate(lm, [prompt], max_new_tokens=8, ignore_eos=True, paged=PagedConfig(prefill_chunk=chunk))
+    assert sum(map(sum, plain.outputs[0].live_tokens)) < held
