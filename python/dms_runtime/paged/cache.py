@@ -263,42 +263,42 @@ class PagedKVCache:
     def _drop_marked(self, plan) -> None:
         """Deferring, after a step's last layer: every sequence of the step that holds more than its
         pool loses its oldest marked keys (position, then layer, then KV head), as many as it holds
-        over the pool or as it has; each list fills the holes with its own last kept-store tokens."""
+        over the pool or as it has; each list fills the holes with its own last kept-store tokens.
+        Work in the tokens held (the kept stores flattened), a few syncs."""
         n_lists = self.L * self.H
         ends = [s + n for s, n in zip(plan.starts_host, plan.n_new_host)]
-        kmax = min(max(self.kept_bound[s] for s in plan.slots_host), self.K * self.ps)
-        if kmax == 0 or all(e * n_lists <= self.pool_tokens for e in ends):
-            return  # nothing is marked out of the window yet, or no sequence can hold more than its pool
+        if all(e * n_lists <= self.pool_tokens for e in ends):
+            return  # no sequence of the step can hold more than its pool
         dev, ps, bsz = self.device, self.ps, plan.batch
-        lists = plan.lists.permute(1, 0, 2).reshape(bsz, n_lists)  # [B, N] in (layer, KV head) order
+        lists = plan.lists.permute(1, 0, 2).reshape(-1)  # row r = b * N + (layer, KV head)
         kept = self.kept_len[lists]
-        idx = torch.arange(kmax, device=dev)
-        valid = idx < kept[..., None]  # [B, N, kmax]
-        pages = torch.gather(self.page_table[lists][..., self.R:], -1, (idx // ps).expand(bsz, n_lists, kmax))
-        flat = torch.where(valid & (pages >= 0), pages * ps + idx % ps, self.trash)
-        pos = self.marked_pos[flat].long()
-        marked = valid & (pos >= 0)
-        held = torch.clamp(plan.starts + plan.n_new, max=self.w) * n_lists + kept.sum(1)
-        n_drop = torch.minimum(held - self.pool_tokens, marked.sum((1, 2))).clamp(min=0)  # [B]
-        most = int(n_drop.max())
-        if most == 0:
+        total = int(kept.sum())
+        if total == 0:
             return
-        order = torch.where(marked, pos * n_lists + torch.arange(n_lists, device=dev)[None, :, None],
-                            torch.iinfo(torch.int64).max)
-        oldest = torch.topk(order.view(bsz, -1), most, largest=False, sorted=True).values  # [B, most]
-        cut = torch.where(n_drop > 0, oldest.gather(1, (n_drop - 1).clamp(min=0)[:, None])[:, 0], -1)
-        drop = marked & (order <= cut[:, None, None])
-        left = kept - drop.sum(-1)
-        # holes below the new end take, in order, the surviving tokens at or past it
-        hole = drop & (idx < left[..., None])
-        move = valid & ~drop & (idx >= left[..., None])
-        spare = torch.full_like(flat[..., :1], self.trash)
-        by_rank = torch.cat([torch.full_like(flat, self.trash), spare], -1)
-        by_rank.scatter_(-1, torch.where(hole, hole.cumsum(-1) - 1, kmax), torch.where(hole, flat, self.trash))
-        by_rank[..., kmax] = self.trash
-        dest = torch.gather(by_rank, -1, torch.where(move, move.cumsum(-1) - 1, kmax)).reshape(-1)
-        moved = move.reshape(-1).nonzero().squeeze(1)  # only the moving tokens are copied (a sync, as above)
-        dest, src = dest[moved], flat.reshape(-1)[moved]
+        rows = torch.arange(bsz * n_lists, device=dev)
+        row = torch.repeat_interleave(rows, kept, output_size=total)  # every kept token's row, in order
+        idx = torch.arange(total, device=dev) - (torch.cumsum(kept, 0) - kept)[row]  # its kept index
+        flat = self.page_table[lists[row], self.R + idx // ps] * ps + idx % ps
+        pos = self.marked_pos[flat].long()
+        seq = row // n_lists
+        marked = (pos >= 0).nonzero().squeeze(1)
+        n_marked = torch.bincount(seq[marked], minlength=bsz)
+        held = torch.clamp(plan.starts + plan.n_new, max=self.w) * n_lists + kept.view(bsz, n_lists).sum(1)
+        n_drop = torch.minimum(held - self.pool_tokens, n_marked).clamp(min=0)  # [B]
+        # the marked tokens of all sequences in (sequence, position, layer, KV head) order
+        key = (seq[marked] * self.max_model_len + pos[marked]) * n_lists + row[marked] % n_lists
+        order = torch.sort(key).indices
+        in_seq = torch.arange(order.numel(), device=dev) - (torch.cumsum(n_marked, 0) - n_marked)[seq[marked][order]]
+        gone = marked[order[in_seq < n_drop[seq[marked][order]]]]
+        if gone.numel() == 0:
+            return
+        drop = torch.zeros(total, dtype=torch.bool, device=dev)
+        drop[gone] = True
+        left = kept - torch.bincount(row[gone], minlength=bsz * n_lists)
+        # a list has as many holes below its new end as surviving tokens at or past it; both come in
+        # (row, index) order, so the i-th hole takes the i-th such token
+        dest = flat[drop & (idx < left[row])]
+        src = flat[~drop & (idx >= left[row])]
         for store in (self.k_pool.view(-1, self.D), self.v_pool.view(-1, self.D), self.marked_pos):
             store[dest] = store[src]
         self.kept_len[lists] = left
@@ -315,23 +315,24 @@ class PagedKVCache:
 
     def record_marks(self, plan, lists, kept0, new_mark) -> None:
         """Deferring: before the store, give every token this step moves to the kept store (all that
-        leave the window, in position order, as the store appends them) its position if marked (-1 if
-        kept) in ``marked_pos``, and the new tokens that stay in the ring their marks in ``ring_mark``.
-        lists/kept0 ``[B, H]``, new_mark ``[B, H, T]`` bool."""
+        leave the window: positions ``plan.exit_pos``, appended in that order) its position if marked
+        (-1 if kept) in ``marked_pos``, and the new tokens that stay in the ring their marks in
+        ``ring_mark``. lists/kept0 ``[B, H]``, new_mark ``[B, H, T]`` bool."""
         b, h, t = new_mark.shape
         w, ps = self.w, self.ps
-        ring_mark = torch.gather(self.ring_mark[lists], -1, plan.ring_order[:, None, :].expand(b, h, w))
+        pos = plan.exit_pos[:, None, :].expand(b, h, -1)  # [B, H, E]
+        if pos.shape[-1]:
+            in_ring = pos < plan.starts[:, None, None]
+            ring = torch.gather(self.ring_mark[lists], -1, torch.remainder(pos, w))
+            new = torch.gather(new_mark, -1, (pos - plan.starts[:, None, None]).clamp(0, t - 1))
+            mark = torch.where(in_ring, ring, new)
+            dest = kept0[..., None] + torch.arange(pos.shape[-1], device=pos.device)
+            page = torch.gather(self.page_table[lists], -1, self.R + dest // ps)
+            flat = torch.where((pos >= 0) & (page >= 0), page * ps + dest % ps, self.trash)
+            self.marked_pos[flat.reshape(-1)] = torch.where(mark, pos, -1).to(torch.int32).reshape(-1)
         a = torch.arange(t, device=new_mark.device)
         new_pos = plan.starts[:, None] + a[None, :]  # [B, T]
-        leave = torch.cat([plan.ring_leaving, plan.new_leaving], -1)[:, None, :]  # [B, 1, w + T]
-        pos = torch.cat([plan.ring_pos, new_pos], -1)[:, None, :]
-        mark = torch.cat([ring_mark, new_mark], -1)  # [B, H, w + T]
-        dest = torch.clamp(kept0[..., None] + torch.cumsum(leave.expand(b, h, w + t), -1) - 1, min=0)
-        page = torch.gather(self.page_table[lists], -1, self.R + dest // ps)
-        flat = torch.where(leave & (page >= 0), page * ps + dest % ps, self.trash)
-        self.marked_pos[flat.reshape(-1)] = torch.where(mark, pos, -1).to(torch.int32).reshape(-1)
-        ends = plan.starts + plan.n_new
-        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
+        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (plan.starts + plan.n_new - w)[:, None])
         rows = torch.where(into_ring[:, None, :], lists[..., None], self.NL)
         self.ring_mark[rows, torch.remainder(new_pos, w)[:, None, :].expand(b, h, t)] = new_mark
 

@@ -34,8 +34,9 @@ class StepPlan:
     slots/starts/n_new ``[B]``; lists ``[L, B, H]`` list ids; tables ``[L, B, H, R + K]`` page ids
     (after the step's reservation); kept0 ``[L, B, H]`` kept tokens before the step; n_ring ``[B]``
     ring tokens held before the step; ring_order ``[B, w]`` ring slots in position order (empty
-    slots last) and ring_pos ``[B, w]`` their positions (-1: empty); ring_leaving ``[B, w]`` (in that order) and new_leaving ``[B, T]``: tokens that
-    leave the window in this step; tokens_read a device counter of the K/V tokens attention read.
+    slots last); ring_leaving ``[B, w]`` (in that order) and new_leaving ``[B, T]``: tokens that
+    leave the window in this step; exit_pos ``[B, E]`` their positions, in order (-1 past a row's
+    own; E: the most of any row); tokens_read a device counter of the K/V tokens attention read.
 
     Host ints: t, decode (t == 1), kept_max (no list of the step holds more kept tokens) and
     max_tokens (no list holds more tokens before the step: ring + kept).
@@ -49,7 +50,7 @@ class StepPlan:
     kept0: torch.Tensor
     n_ring: torch.Tensor
     ring_order: torch.Tensor
-    ring_pos: torch.Tensor
+    exit_pos: torch.Tensor
     ring_leaving: torch.Tensor
     new_leaving: torch.Tensor
     tokens_read: torch.Tensor
@@ -90,13 +91,16 @@ class StepPlan:
         cut = (starts_t + n_new_t - w)[:, None]  # positions < cut leave the window
         a = torch.arange(t, device=dev)
         new_pos = starts_t[:, None] + a[None, :]
+        lo = torch.clamp(starts_t - w, min=0)
+        e = torch.arange(max(cache.budget.exits(s, n) for s, n in zip(starts, n_new)), device=dev)
+        exit_pos = torch.where(lo[:, None] + e[None, :] < torch.clamp(cut, min=0), lo[:, None] + e[None, :], -1)
         kept_max = min(max(cache.kept_bound[s] for s in slots), cache.K * cache.ps)
         max_tokens = max(min(s, w) for s in starts) + kept_max
         for s, st, n in zip(slots, starts, n_new):
             cache.kept_bound[s] = cache.budget.kept_bound(st, n, cache.kept_bound[s])
         return cls(
             slots=slots_t, starts=starts_t, n_new=n_new_t, lists=lists, tables=tables, kept0=kept0,
-            n_ring=torch.clamp(starts_t, max=w), ring_order=order, ring_pos=ring_sorted,
+            n_ring=torch.clamp(starts_t, max=w), ring_order=order, exit_pos=exit_pos,
             ring_leaving=(ring_sorted >= 0) & (ring_sorted < cut),
             new_leaving=(a[None, :] < n_new_t[:, None]) & (new_pos < cut),
             tokens_read=torch.zeros((), dtype=torch.int64, device=dev),
