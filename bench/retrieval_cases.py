@@ -2,7 +2,7 @@
 
 ``dms eval`` runs vanilla, DMS and every policy on all cases of a length in one go; at 4K and 8K on
 a CPU a policy takes minutes per case, more than one sitting holds. This runs a single method
-(``vanilla``, ``dms`` or a policy at a given budget) case by case and appends one JSON line per case
+(``vanilla``, ``dms``, DMS deferred to a budget, or a policy at a given budget) case by case and appends one JSON line per case
 to ``--out``; run it again with the same arguments and it continues after the last case written.
 The cases are the suite's (``retrieval.make_cases``), so the lines compare with ``dms eval`` rows.
 
@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--task", choices=TASKS, default="passkey")
     p.add_argument("--length", type=int, required=True)
     p.add_argument("--method", choices=("vanilla", "dms") + POLICIES, required=True)
-    p.add_argument("--budget", type=float, help="a policy's KV budget: the fraction of the prompt held")
+    p.add_argument("--budget", type=float, help="a policy's KV budget: the fraction of the prompt held; with "
+                   "--method dms, DMS with deferred eviction at that budget (PagedConfig.defer_budget)")
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     add_dms_overrides(p)
@@ -40,6 +41,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.method in POLICIES and not (a.budget and 0.0 < a.budget <= 1.0):
         p.error(f"--budget: a policy needs a fraction in (0, 1], got {a.budget!r}")
+    if a.method == "vanilla" and a.budget is not None or a.method == "dms" and a.budget is not None \
+            and not 0.0 < a.budget <= 1.0:
+        p.error(f"--budget: expected none for vanilla, a fraction in (0, 1] for deferred DMS, got {a.budget!r}")
     lm = load(a.model, dms=dms_overrides(a) or None)
     cases = make_cases(lm.tokenizer, a.task, a.length, a.cases, a.seed, context=lm.config.max_position_embeddings)
     run = {"model": a.model, "task": a.task, "length": a.length, "method": a.method, "budget": a.budget,
@@ -57,7 +61,8 @@ def main(argv=None) -> None:
     for i in range(done, len(cases)):
         c, t0 = cases[i], time.perf_counter()
         if a.method in ("vanilla", "dms"):
-            texts, held = generate_answers(lm, [c], evict=a.method == "dms")
+            texts, held = generate_answers(lm, [c], evict=a.method == "dms",
+                                           defer_fraction=a.budget if a.method == "dms" else None)
         else:
             texts, helds = policy_answers(lm, [c], a.method, a.budget)
             held = helds[0]

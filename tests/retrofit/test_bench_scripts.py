@@ -50,6 +50,28 @@ def test_retrieval_cases_resume_after_the_last_case_written(tiny_with_tokenizer,
     assert "--budget: a policy needs" in capsys.readouterr().err
 
 
+def test_retrieval_with_deferred_eviction_at_a_policy_budget(tiny_with_tokenizer, tmp_path):
+    import dms_runtime as dr
+    from dms_runtime.paged import PagedConfig
+    from dms_runtime.retrofit.policies import policy_budget
+    from dms_runtime.retrofit.retrieval import generate_answers, make_cases
+
+    lm = dr.load(str(tiny_with_tokenizer), dms={"dms_window_size": 4, "dms_initial_alpha_offset": 0.0})
+    cases = make_cases(lm.tokenizer, "passkey", 120, 2, 0, context=lm.config.max_position_embeddings)
+    plain, held_plain = generate_answers(lm, cases)
+    deferred, held = generate_answers(lm, cases, defer_fraction=0.8)
+    assert held > held_plain  # the pool holds what DMS alone would have evicted
+    for c, text in zip(cases, deferred):  # each case at the budget a policy gets for it
+        budget = policy_budget(0.8, len(c.prompt_ids))
+        want = dr.generate(lm, [c.prompt_ids], max_new_tokens=c.max_new_tokens, chat=False,
+                           paged=PagedConfig(defer_budget=budget))
+        assert text == (want.texts[0] or "")
+    mod = bench("retrieval_cases")
+    with pytest.raises(SystemExit):
+        mod.main(["-m", str(tiny_with_tokenizer), "--length", "120", "--method", "vanilla", "--budget", "0.5",
+                  "--out", str(tmp_path / "v.jsonl")])
+
+
 def test_error_profile_on_hand_made_tokens():
     prof = bench("error_profile").profile
     kl = torch.tensor([0.0, 0.0, 1.0, 3.0] + [0.0] * 96)

@@ -219,21 +219,28 @@ def informative(vanilla: dict, threshold: float = CALIBRATION) -> dict:
 # ---------------------------------------------------------------------------- running the cases
 
 
-def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True) -> tuple[list[str], float]:
+def generate_answers(lm, cases: list[RetrievalCase], evict: bool = True,
+                     defer_fraction: float | None = None) -> tuple[list[str], float]:
     """Greedy answers through the paged runtime (``dms_runtime.generate``), eviction on or off; and
-    the KV tokens held at the end of generation over all cases / a dense cache's (1.0 without eviction)."""
+    the KV tokens held at the end of generation over all cases / a dense cache's (1.0 without eviction).
+    ``defer_fraction``: DMS with deferred eviction (``PagedConfig.defer_budget``) at the budget a policy
+    gets for the case (``policies.policy_budget``: that fraction of the prompt per layer and KV head)."""
     from ..api import generate
+    from ..paged import PagedConfig
+    from .policies import policy_budget
     from .training_backend import eviction_off
 
     texts: list[str] = [""] * len(cases)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, c in enumerate(cases):
-        groups.setdefault(c.max_new_tokens, []).append(i)
+        defer = policy_budget(defer_fraction, len(c.prompt_ids)) if defer_fraction is not None else 0
+        groups.setdefault((c.max_new_tokens, defer), []).append(i)
     live = dense = 0
-    for new, idx in groups.items():
+    for (new, defer), idx in groups.items():
         prompts = [cases[i].prompt_ids for i in idx]
         if evict:
-            res = generate(lm, prompts, max_new_tokens=new, chat=False)
+            paged = PagedConfig(max_seqs=len(prompts), defer_budget=defer) if defer else None
+            res = generate(lm, prompts, max_new_tokens=new, chat=False, paged=paged)
         else:
             with eviction_off(lm.model):
                 res = generate(lm, prompts, max_new_tokens=new, chat=False)
