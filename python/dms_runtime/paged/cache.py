@@ -330,11 +330,20 @@ class PagedKVCache:
             page = torch.gather(self.page_table[lists], -1, self.R + dest // ps)
             flat = torch.where((pos >= 0) & (page >= 0), page * ps + dest % ps, self.trash)
             self.marked_pos[flat.reshape(-1)] = torch.where(mark, pos, -1).to(torch.int32).reshape(-1)
-        a = torch.arange(t, device=new_mark.device)
+        _, rows, slot = self._ring_writes(plan, lists, t)
+        self.ring_mark[rows, slot] = new_mark
+
+    def _ring_writes(self, plan, lists, t: int):
+        """Where a step's new tokens land in the ring: ``into_ring`` ``[B, T]`` (padding and tokens that
+        leave within the step do not), their rows ``[B, H, T]`` (the spare row ``NL`` where they do not)
+        and ring slots ``[B, H, T]``."""
+        b, h = lists.shape
+        a = torch.arange(t, device=lists.device)
         new_pos = plan.starts[:, None] + a[None, :]  # [B, T]
-        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (plan.starts + plan.n_new - w)[:, None])
+        ends = plan.starts + plan.n_new
+        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (ends - self.w)[:, None])
         rows = torch.where(into_ring[:, None, :], lists[..., None], self.NL)
-        self.ring_mark[rows, torch.remainder(new_pos, w)[:, None, :].expand(b, h, t)] = new_mark
+        return into_ring, rows, torch.remainder(new_pos, self.w)[:, None, :].expand(b, h, t)
 
     def leaving_kept(self, plan, lists, new_evict) -> torch.Tensor:
         """``[B, H, w + T]``: which tokens leave the window kept in this step, in position order
@@ -362,16 +371,11 @@ class PagedKVCache:
         kflat[flat.reshape(-1)] = src_k.reshape(-1, d)
         vflat[flat.reshape(-1)] = src_v.reshape(-1, d)
 
-        a = torch.arange(t, device=k_new.device)
-        new_pos = plan.starts[:, None] + a[None, :]  # [B, T]
-        ends = plan.starts + plan.n_new
-        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (ends - w)[:, None])  # [B, T]
-        slot = torch.remainder(new_pos, w)[:, None, :].expand(b, h, t)
+        into_ring, rows, slot = self._ring_writes(plan, lists, t)
         page = torch.gather(table, -1, slot // ps)
         flat = torch.where(into_ring[:, None, :], page * ps + slot % ps, self.trash)
         kflat[flat.reshape(-1)] = k_new.reshape(-1, d)
         vflat[flat.reshape(-1)] = v_new.reshape(-1, d)
-        rows = torch.where(into_ring[:, None, :], lists[..., None], self.NL)
         self.ring_evict[rows, slot] = new_evict
 
     # ------------------------------------------------------------------ sequences
