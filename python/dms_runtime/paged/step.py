@@ -15,8 +15,8 @@ class PagedStep:
     The step's :class:`StepPlan` (built once, pages reserved) holds everything that does not
     depend on the layer's data; per layer: record the decision of the previous key, attend over
     the held tokens plus the new chunk, then store (tokens leaving the window go to the kept
-    store or are dropped; deferring, all go to the kept store with their marks). Nothing here reads a device value on the host, so a step can be
-    compiled whole or captured in a CUDA graph.
+    store or are dropped; deferring, all go to the kept store with their marks). Nothing here
+    reads a device value on the host, so a step can be compiled whole or captured in a CUDA graph.
     """
 
     def __init__(self, cache: PagedKVCache, plan: StepPlan, kernels: PagedKernels):
