@@ -102,6 +102,7 @@ class PagedKVCache:
         self.L, self.H, self.D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         self.ps = pcfg.page_size
         self.evicts = cfg.dms_active
+        self.defers = self.evicts and pcfg.defer_budget > 0
         # Without eviction every token is kept; the ring is then a one-page staging area.
         # A window at least as long as the longest sequence never lets a token leave: a ring of
         # max_model_len slots behaves the same and keeps a huge dms_window_size from sizing the tables.
@@ -115,6 +116,7 @@ class PagedKVCache:
         self.NL = self.L * self.max_seqs * self.H
         self.token_bytes = 2 * self.D * dtype.itemsize  # K and V of one token of one head
         self.budget = PageBudget(self.L, self.H, self.w, self.ps)
+        self.pool_tokens = pcfg.defer_budget * self.L * self.H  # per sequence, when deferring
 
         if pcfg.num_pages is not None:
             pages = pcfg.num_pages
@@ -140,8 +142,6 @@ class PagedKVCache:
         # row NL is spare, like page P: masked ring-decision writes go there
         self.ring_evict = torch.zeros((self.NL + 1, self.w), dtype=torch.bool, device=dev)
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=dev)
-        self.defers = self.evicts and pcfg.defer_budget > 0
-        self.pool_tokens = pcfg.defer_budget * self.L * self.H  # per sequence
         # where decisions are recorded: a separate ring when deferring, so attention and the store
         # see every ring token as kept
         self.ring_mark = torch.zeros_like(self.ring_evict) if self.defers else self.ring_evict
@@ -155,7 +155,7 @@ class PagedKVCache:
         """Bytes the pool and its tables take (checked against free memory before allocating)."""
         pool = 2 * (self.P + 1) * self.ps * self.D * self.dtype.itemsize + self.P * (4 + 8)
         tables = self.NL * ((self.R + self.K) * 8 + 8 + self.w) + self.max_seqs * 8
-        if self.evicts and self.pcfg.defer_budget > 0:
+        if self.defers:
             tables += self.NL * self.w + (self.P + 1) * self.ps * 4
         return pool + tables
 
@@ -288,8 +288,9 @@ class PagedKVCache:
         # the marked tokens of all sequences in (sequence, position, layer, KV head) order
         key = (seq[marked] * self.max_model_len + pos[marked]) * n_lists + row[marked] % n_lists
         order = torch.sort(key).indices
-        in_seq = torch.arange(order.numel(), device=dev) - (torch.cumsum(n_marked, 0) - n_marked)[seq[marked][order]]
-        gone = marked[order[in_seq < n_drop[seq[marked][order]]]]
+        owner = seq[marked][order]
+        in_seq = torch.arange(order.numel(), device=dev) - (torch.cumsum(n_marked, 0) - n_marked)[owner]
+        gone = marked[order[in_seq < n_drop[owner]]]
         if gone.numel() == 0:
             return
         drop = torch.zeros(total, dtype=torch.bool, device=dev)
