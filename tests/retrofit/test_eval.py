@@ -102,6 +102,45 @@ def test_compare_methods_puts_policies_at_the_dms_budget(tiny_with_tokenizer):
         assert r.kl_gap[1] <= r.kl_gap[0] <= r.kl_gap[2] and r.agreement_gap[1] <= r.agreement_gap[0] <= r.agreement_gap[2]
 
 
+def test_compare_methods_defers_dms_to_the_policies_budget(tiny_with_tokenizer):
+    """The dms-deferred row is the deferred rule (retrofit.deferred) at the held-matched pool, recomputed
+    here: its scores, memory, reads, passkey and gap to DMS; it holds what the policies hold."""
+    from dms_runtime.retrofit.deferred import deferred_forward
+    from dms_runtime.retrofit.evaluate import (compare_methods, heldout_sequences, paired_gap, token_scores,
+                                               vanilla_logits)
+
+    lm = dr.load(tiny_with_tokenizer, dms={"dms_window_size": 3, "dms_initial_alpha_offset": 0.0})
+    n, cfg = 40, lm.config
+    dms_row, rows = compare_methods(lm, n, sequences=2, policies=["h2o"], passkey_trials=2, defer=True)
+    by = {r.method: r for r in rows}
+    assert list(by) == ["vanilla", "dms", "dms-deferred", "h2o"]
+    row, budget = by["dms-deferred"], by["h2o"].budget
+    assert row.budget == budget and budget < n
+    lists = cfg.num_layers * cfg.num_kv_heads
+    seqs = heldout_sequences(lm, n, 2)
+    scores, peak, reads = [], 0, 0
+    for s, van in zip(seqs, vanilla_logits(lm, seqs)):
+        logits, backend = deferred_forward(lm.model, s, 3, budget * lists)
+        scores.append(token_scores(logits, van))
+        peak, reads = max(peak, backend.held_peak), reads + backend.reads
+    assert row.kl_per_token == pytest.approx(sum(kl.mean().item() for kl, _ in scores) / 2)
+    assert row.greedy_agreement == pytest.approx(sum(h.mean().item() for _, h in scores) / 2)
+    assert row.held_fraction == peak / (n * lists)
+    assert row.read_fraction == pytest.approx(reads / 2 / (lists * n * (n + 1) / 2))
+    # it fills the pool (holding more only where its own marks' minimum is larger) and reads more than DMS
+    assert row.held_fraction >= budget / n
+    assert row.read_fraction >= by["dms"].read_fraction
+    assert 0 <= row.passkey_accuracy <= 1
+    dms_scores = []
+    fidelity(lm, n, 2, scores=dms_scores)
+    assert row.kl_gap == pytest.approx(paired_gap([kl for kl, _ in dms_scores], [kl for kl, _ in scores]))
+    assert row.kl_gap[0] != 0  # deferring changes what is seen
+    without = compare_methods(lm, n, sequences=2, policies=["h2o"])[1]
+    assert [r.method for r in without] == ["vanilla", "dms", "h2o"]
+    with pytest.raises(ValueError, match="defer"):
+        compare_methods(lm, n, sequences=1, defer="yes")
+
+
 def test_paired_gap_on_hand_made_scores():
     from dms_runtime.retrofit.evaluate import paired_gap
 
@@ -172,6 +211,17 @@ def test_eval_cli_policies_table_and_plot(tiny_with_tokenizer, capsys, tmp_path)
     streaming_line = next(line for line in out.splitlines() if line.strip().startswith("streaming |"))
     assert streaming_line.count("[") == 2  # its paired gaps to DMS, on KL and on agreement
     assert f"{tiny_with_tokenizer.name} w3 s2" in out  # the settings given are part of the model's name
+
+
+def test_eval_cli_defer_row_and_plot(tiny_with_tokenizer, capsys, tmp_path):
+    rc = main(["eval", "-m", str(tiny_with_tokenizer), "--dms-window", "3", "--dms-offset", "0", "--lengths", "32",
+               "--sequences", "1", "--defer", "--plot", str(tmp_path / "p.png"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    by = {r["method"]: r for r in out["methods"]}
+    assert list(by) == ["vanilla", "dms", "dms-deferred"]
+    assert by["dms-deferred"]["held_fraction"] >= by["dms-deferred"]["budget"] / 32
+    assert len(by["dms-deferred"]["agreement_gap"]) == 3
 
 
 def test_heldout_sources_name_the_file_holding_most_of_each_text(monkeypatch):

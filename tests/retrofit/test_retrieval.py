@@ -147,8 +147,11 @@ def test_suite_runs_methods_only_where_vanilla_is_informative(tiny_with_tokenize
     lm = dr.load(tiny_with_tokenizer, dms={"dms_window_size": 3})
     calls = []
 
-    def fake_generate(lm_, cases, evict=True):  # vanilla right on passkey, wrong on vartrack; DMS always right
-        calls.append(("dms" if evict else "vanilla", cases[0].task))
+    def fake_generate(lm_, cases, evict=True, defer_fraction=None):  # vanilla right on passkey, wrong on
+        # vartrack; DMS always right, deferred DMS right on the first case only
+        calls.append(("dms-deferred" if defer_fraction else "dms" if evict else "vanilla", cases[0].task))
+        if defer_fraction:
+            return [f" {c.answers[0]}" if i == 0 else " 0" for i, c in enumerate(cases)], defer_fraction / 2
         right = evict or cases[0].task == "passkey"
         return [f" {c.answers[0]}" if right else " 0" for c in cases], (0.125 if evict else 1.0)
 
@@ -174,6 +177,14 @@ def test_suite_runs_methods_only_where_vanilla_is_informative(tiny_with_tokenize
     assert mean_informative(rows + rows2, "dms", "m2", 200) == 1.0
     assert mean_informative(rows + rows2, "vanilla", "m2", 200) == 1.0
     assert mean_informative(rows, "tova", "m1", 200) == 0.0
+    rows3 = suite.run(lm, 200, "m3", "base", dms=False, defer_fraction=0.5)
+    deferred = {r.task: r for r in rows3}
+    assert [r.method for r in rows3] == ["dms-deferred", "dms-deferred"]
+    assert deferred["passkey"].accuracy == pytest.approx(1 / 3) and deferred["vartrack"].accuracy is None
+    assert deferred["passkey"].budget_fraction == 0.5 and deferred["passkey"].held_fraction == 0.25
+    assert ("dms-deferred", "vartrack") not in calls
+    with pytest.raises(ValueError, match="defer_fraction"):
+        suite.run(lm, 200, "m3", "base", defer_fraction=1.5)
     with pytest.raises(ValueError, match="tasks"):
         RetrievalSuite(["haystack"])
 

@@ -129,6 +129,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--match", default="held", choices=MATCHES,
                    help="what the policies' budget matches: DMS's peak KV tokens held (held, the default) or its "
                         "KV tokens read by all queries (read: the bytes a decode step moves)")
+    p.add_argument("--defer", action="store_true",
+                   help="also DMS with its evictions deferred until a pool of the policies' held budget (DMS's "
+                        "peak KV tokens held) fills: the row dms-deferred (PagedConfig.defer_budget; by generation "
+                        "through the runtime on the --retrieval cases), with its gap to DMS")
     p.add_argument("--retrieval", nargs="+", default=[], choices=TASKS,
                    help="retrieval tasks scored by greedy generation (passkey, multikey, multivalue, vartrack): "
                         "vanilla first; where it scores below --calibration-threshold the task is uninformative "
@@ -145,7 +149,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
-_MARKERS = {"vanilla": "s", "dms": "o", "streaming": "v", "tova": "^", "h2o": "D", "quest": "P"}
+_MARKERS = {"vanilla": "s", "dms": "o", "dms-deferred": "*", "streaming": "v", "tova": "^", "h2o": "D",
+            "quest": "P"}
+_NAMES = {"vanilla": "vanilla", "dms": "DMS", "dms-deferred": "DMS deferred"}
 
 
 def plot_pareto(rows, path) -> None:
@@ -179,10 +185,11 @@ def plot_pareto(rows, path) -> None:
                 rs = sorted((r for r in rs if getattr(r, metric) is not None), key=lambda r: getattr(r, key))
                 if not rs:
                     continue
-                name = {"vanilla": "vanilla", "dms": "DMS"}.get(method, method)
+                name = _NAMES.get(method, method)
                 xs, ys = [getattr(r, key) for r in rs], [getattr(r, metric) for r in rs]
                 ax.plot(xs, ys, marker=_MARKERS.get(method, "x"), color=colors[method],
-                        linestyle="-" if method == "dms" else ":", label=None if method in labelled else name)
+                        linestyle="-" if method.startswith("dms") else ":",
+                        label=None if method in labelled else name)
                 labelled.add(method)
                 for r, x, y in zip(rs, xs, ys):
                     ax.annotate(f"{r.length // 1024}K" if r.length >= 1024 else str(r.length), (x, y),
@@ -244,9 +251,9 @@ def run_eval(args) -> int:
             if key not in vanilla:
                 vanilla.clear()  # keep one set: 8K tokens of logits are 1.6 GB
                 vanilla[key] = vanilla_logits(lm, heldout_sequences(lm, n, args.sequences))
-            if args.policy:
+            if args.policy or args.defer:
                 row, rows = compare_methods(lm, n, args.sequences, args.policy, args.passkey_trials, label,
-                                            vanilla=vanilla[key], match=args.match)
+                                            vanilla=vanilla[key], match=args.match, defer=args.defer)
                 new_rows = [r for r in rows if r.method != "vanilla" or index == 0]
             else:
                 row = fidelity(lm, n, args.sequences, vanilla=vanilla[key])
@@ -258,11 +265,12 @@ def run_eval(args) -> int:
             if suite is not None:
                 ret_rows += suite.run(lm, n, label, _base(lm), policies=args.policy,
                                       budget_fraction={p: matched_fraction(p, args.match, row, n)
-                                                       for p in args.policy})
+                                                       for p in args.policy},
+                                      defer_fraction=row.peak_live_fraction if args.defer else None)
                 for r in new_rows:
                     r.retrieval_accuracy = mean_informative(ret_rows, r.method, r.model, n)
             method_rows += new_rows
-            if args.passkey_trials and args.policy:  # already measured, teacher-forced, next to the policies
+            if args.passkey_trials and (args.policy or args.defer):  # measured, teacher-forced, next to them
                 row.passkey_accuracy_vanilla, row.passkey_accuracy_dms = (r.passkey_accuracy for r in rows[:2])
             elif args.passkey_trials:
                 row.passkey_accuracy_dms, row.passkey_accuracy_vanilla = passkey_accuracy(lm, n, args.passkey_trials)
@@ -286,7 +294,7 @@ def run_eval(args) -> int:
         print(f"{r['model']:>28} | {r['length']:>6} | {r['kl_per_token']:>9.5f} | {r['greedy_agreement']:>12.3f} | "
               f"{r['live_fraction']:>10.3f} | {r['compression_ratio']:>6.2f} | {r['peak_live_fraction']:>9.3f} | "
               f"{r['read_fraction']:>7.3f} | {pk} | {vt}")
-    if args.policy or (suite is not None and method_rows):
+    if args.policy or args.defer or (suite is not None and method_rows):
         print()
         print(f"{'method':>10} | {'model':>28} | {'length':>6} | {'budget':>6} | {'KL/token':>9} | {'greedy agree':>12} | "
               f"{'peak held':>9} | {'KV read':>7} | passkey (forced) | retrieval (generation, informative tasks) | "

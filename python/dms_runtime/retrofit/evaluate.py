@@ -246,11 +246,13 @@ class MethodRow:
 
 
 @torch.inference_mode()
-def forced_accuracy(model, tasks: list[tuple[list[int], list[int]]], make_backend) -> float:
-    """Fraction of tasks whose every answer token is the greedy prediction, teacher-forced."""
+def forced_accuracy(model, tasks: list[tuple[list[int], list[int]]], make_backend=None, forward=None) -> float:
+    """Fraction of tasks whose every answer token is the greedy prediction, teacher-forced through a
+    fresh ``make_backend()`` per task, or ``forward(ids)`` (the logits ``[1, T, V]``) where given."""
     right = 0
     for prompt, answer in tasks:
-        logits = forward_ids(model, prompt + answer, make_backend())
+        ids = prompt + answer
+        logits = forward(ids) if forward is not None else forward_ids(model, ids, make_backend())
         pred = logits[0, len(prompt) - 1: len(prompt) + len(answer) - 1].argmax(-1).tolist()
         right += pred == answer
     return right / max(len(tasks), 1)
@@ -279,17 +281,25 @@ def matched_fraction(policy: str, match: str, dms_row: FidelityRow, length: int)
     return matched_budget(policy, match, dms_row, length) / length
 
 
+DEFERRED = "dms-deferred"  # the method name of DMS with its evictions deferred (retrofit.deferred)
+
+
 def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_trials: int = 0,
                     label: str = "dms", seed: int = 1234, vanilla: list[torch.Tensor] | None = None,
-                    match: str = "held") -> tuple[FidelityRow, list[MethodRow]]:
+                    match: str = "held", defer: bool = False) -> tuple[FidelityRow, list[MethodRow]]:
     """Vanilla, DMS, and each policy at DMS's budget: its peak KV tokens held per layer and head
     (``match="held"``) or its KV tokens read (``"read"``, :func:`matched_budget`); also DMS's
     :class:`FidelityRow` on the same texts (``vanilla``: their eviction-off logits, when known). Each
-    policy's row carries its :func:`paired_gap` to DMS on KL and on agreement."""
-    from .policies import PolicyAttention
+    policy's row carries its :func:`paired_gap` to DMS on KL and on agreement. ``defer``: also DMS with
+    its evictions deferred until a pool of the held-matched budget per list fills (row ``"dms-deferred"``,
+    :mod:`.deferred`; it holds what the policies hold whatever ``match`` is), with its gap to DMS."""
+    from .deferred import deferred_forward
+    from .policies import PolicyAttention, policy_budget
 
     if match not in MATCHES:
         raise ValueError(f"match: expected one of {MATCHES}, got {match!r}")
+    if not isinstance(defer, bool):
+        raise ValueError(f"defer: expected a bool, got {defer!r}")
     model, cfg = lm.model, lm.config
     seqs = heldout_sequences(lm, length, sequences, seed)
     vanilla = vanilla if vanilla is not None else vanilla_logits(lm, seqs)
@@ -315,6 +325,20 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
                       accuracy(lambda: FullSequenceAttention(cfg.dms.window_size), evict=True))]
     dense_held = length * cfg.num_kv_heads * cfg.num_layers
     dense_reads = cfg.num_layers * cfg.num_kv_heads * length * (length + 1) / 2
+    lists, w = cfg.num_layers * cfg.num_kv_heads, cfg.dms.window_size
+    if defer:
+        budget = policy_budget(dms_row.peak_live_fraction, length)
+        scores, held, reads = [], 0.0, 0.0
+        for s, van in zip(seqs, vanilla):
+            logits, backend = deferred_forward(model, s, w, budget * lists)
+            scores.append(token_scores(logits, van))
+            held = max(held, backend.held_peak / dense_held)
+            reads += backend.reads / dense_reads / len(seqs)
+        right = None
+        if tasks:  # teacher-forced, each task's pool the same fraction of its own length
+            right = forced_accuracy(model, tasks, forward=lambda ids: deferred_forward(
+                model, ids, w, policy_budget(dms_row.peak_live_fraction, len(ids)) * lists)[0])
+        rows.append(_scored_row(DEFERRED, label, length, budget, scores, held, reads, right, dms_scores))
     for policy in policies:
         budget = matched_budget(policy, match, dms_row, length)
         scores, held, reads = [], 0.0, 0.0
@@ -324,13 +348,18 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
                 scores.append(token_scores(forward_ids(model, s, backend), van))
                 held = max(held, backend.held_peak / dense_held)
                 reads += backend.reads / dense_reads / len(seqs)
-        kl_mean = sum(kl.mean().item() for kl, _ in scores) / len(scores)
-        agree_mean = sum(hit.mean().item() for _, hit in scores) / len(scores)
-        rows.append(MethodRow(policy, label, length, budget, kl_mean, agree_mean, held, reads,
-                              accuracy(lambda: PolicyAttention(policy, budget), evict=False),
-                              kl_gap=paired_gap([kl for kl, _ in dms_scores], [kl for kl, _ in scores]),
-                              agreement_gap=paired_gap([h for _, h in dms_scores], [h for _, h in scores])))
+        rows.append(_scored_row(policy, label, length, budget, scores, held, reads,
+                                accuracy(lambda: PolicyAttention(policy, budget), evict=False), dms_scores))
     return dms_row, rows
+
+
+def _scored_row(method: str, label: str, length: int, budget: int, scores, held: float, reads: float,
+                passkey: float | None, dms_scores) -> MethodRow:
+    """A method's row from its per-text :func:`token_scores`, with its :func:`paired_gap` to DMS's."""
+    return MethodRow(method, label, length, budget, sum(kl.mean().item() for kl, _ in scores) / len(scores),
+                     sum(hit.mean().item() for _, hit in scores) / len(scores), held, reads, passkey,
+                     kl_gap=paired_gap([kl for kl, _ in dms_scores], [kl for kl, _ in scores]),
+                     agreement_gap=paired_gap([h for _, h in dms_scores], [h for _, h in scores]))
 
 
 # ---------------------------------------------------------------------------- retrieval by generation
@@ -385,10 +414,12 @@ class RetrievalSuite:
         return self._cases[key]
 
     def run(self, lm, length: int, label: str, base: str, policies=(),
-            budget_fraction: float | dict[str, float] | None = None, dms: bool = True) -> list[RetrievalRow]:
-        """Vanilla (once per base, eviction off), then DMS (``dms``) and each policy at
-        ``budget_fraction`` of the prompt (one for all, or one per policy), on the tasks where vanilla is
-        informative at ``length``."""
+            budget_fraction: float | dict[str, float] | None = None, dms: bool = True,
+            defer_fraction: float | None = None) -> list[RetrievalRow]:
+        """Vanilla (once per base, eviction off), then DMS (``dms``), DMS with its evictions deferred
+        until ``defer_fraction`` of the prompt per list fills (``defer_fraction``; row ``"dms-deferred"``,
+        ``PagedConfig.defer_budget``) and each policy at ``budget_fraction`` of the prompt (one for all,
+        or one per policy), on the tasks where vanilla is informative at ``length``."""
         from .retrieval import accuracy, generate_answers, policy_answers
 
         if lm.tokenizer is None:
@@ -399,6 +430,8 @@ class RetrievalSuite:
                      else {policy: budget_fraction for policy in policies})
         if missing := [p for p in policies if p not in fractions]:
             raise ValueError(f"budget_fraction: expected a fraction for each policy, missing {missing}")
+        if defer_fraction is not None and not 0.0 < defer_fraction <= 1.0:
+            raise ValueError(f"defer_fraction: expected a fraction in (0, 1], got {defer_fraction!r}")
         rows = []
         for task in self.tasks:
             cases = self.cases(lm.tokenizer, base, task, length, lm.config.max_position_embeddings)
@@ -416,6 +449,13 @@ class RetrievalSuite:
                     texts, held = generate_answers(lm, cases, evict=True)
                     acc = accuracy(cases, texts)
                 rows.append(RetrievalRow("dms", label, task, length, len(cases), acc, van, ok, None, held))
+            if defer_fraction is not None:
+                acc = held = None
+                if ok:
+                    texts, held = generate_answers(lm, cases, evict=True, defer_fraction=defer_fraction)
+                    acc = accuracy(cases, texts)
+                rows.append(RetrievalRow(DEFERRED, label, task, length, len(cases), acc, van, ok, defer_fraction,
+                                         held))
             for policy in policies:
                 acc = held = None
                 if ok:
