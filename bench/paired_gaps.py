@@ -36,7 +36,7 @@ import torch
 
 from dms_runtime import load
 from dms_runtime.models.full_sequence import FullSequenceAttention
-from dms_runtime.retrofit.deferred import deferred_forward
+from dms_runtime.retrofit.deferred import DeferredAttention, deferred_forward
 from dms_runtime.retrofit.evaluate import (fidelity, forward_ids, heldout_sequences, heldout_sources, paired_gap,
                                            token_scores, vanilla_logits)
 from dms_runtime.retrofit.policies import POLICIES, PolicyAttention, policy_budget, policy_reads
@@ -45,13 +45,14 @@ from dms_runtime.validation import add_dms_overrides, dms_overrides
 
 
 def score(lm, length: int, sequences: int, policies, skip: int = 0, budget: int | None = None,
-          each=None, defer: bool = False, reads: dict | None = None
+          each=None, defer: bool = False, reads: dict | None = None, order: str = "oldest"
           ) -> tuple[int, float, dict[str, list[tuple[torch.Tensor, ...]]]]:
     """DMS's and each policy's per-position :func:`token_scores` on held-out texts ``skip`` to
     ``skip + sequences - 1``; the policies at ``budget`` KV tokens per head, or (None) at DMS's peak held
     over all of these texts. ``defer``: "dms" is DMS with its evictions deferred until a pool of ``budget``
     tokens per list fills (:mod:`dms_runtime.retrofit.deferred`), and "undeferred" is DMS itself; ``reads``
-    then receives each one's K/V tokens read per text, as a fraction of dense attention's.
+    then receives each one's K/V tokens read per text, as a fraction of dense attention's; ``order``: which
+    marked keys the pool drops first (``DeferredAttention``: the oldest, or those with the largest logit).
     ``each(budget, peak, scores)`` is called after every text once the budget is known. Returns (budget,
     DMS's peak held, scores)."""
     if defer and budget is None:
@@ -69,7 +70,7 @@ def score(lm, length: int, sequences: int, policies, skip: int = 0, budget: int 
         van = vanilla_logits(lm, [s])[0]
         if defer:
             for name, pool in (("dms", budget * lists), ("undeferred", 0)):
-                logits, backend = deferred_forward(lm.model, s, lm.config.dms.window_size, pool)
+                logits, backend = deferred_forward(lm.model, s, lm.config.dms.window_size, pool, order=order)
                 per[name].append(token_scores(logits, van))
                 if reads is not None:
                     reads.setdefault(name, []).append(backend.reads / (lists * length * (length + 1) / 2))
@@ -196,10 +197,10 @@ def merge(parts: list[dict], sources: list[str] | None = None) -> dict:
     parts = sorted(parts, key=lambda d: d.get("skip", 0))
     first = parts[0]
     key = lambda d: (d["model"], d["length"], d["budget"], d.get("defer", False),  # noqa: E731
-                     [r["method"] for r in d["rows"]])
+                     d.get("defer_order", "oldest"), [r["method"] for r in d["rows"]])
     for d in parts[1:]:
         if key(d) != key(first):
-            raise ValueError(f"parts: expected one model, length, budget and methods, got {key(first)} and {key(d)}")
+            raise ValueError(f"parts: expected one model, length, budget, deferral and methods, got {key(first)} and {key(d)}")
     end = 0
     for d in parts:
         if d.get("skip", 0) < end:
@@ -236,7 +237,9 @@ def merge(parts: list[dict], sources: list[str] | None = None) -> dict:
                     row[f"{g}_by_file"] = {f: [len(v), sum(v) / len(v)] for f, v in files.items()}
         rows.append(row)
     return add_reads({"model": first["model"], "length": first["length"], "sequences": n,
-                      "defer": first.get("defer", False), "texts": [[d.get("skip", 0), d["sequences"]] for d in parts],
+                      "defer": first.get("defer", False),
+                      **({"defer_order": first["defer_order"]} if "defer_order" in first else {}),
+                      "texts": [[d.get("skip", 0), d["sequences"]] for d in parts],
                       "files": None if sources is None else len({sources[i] for i in index}),
                       "budget": first["budget"], "held_fraction": max(d["held_fraction"] for d in parts), "rows": rows})
 
@@ -293,6 +296,9 @@ def main(argv=None) -> None:
                    help="score DMS with its evictions deferred until a pool of --budget tokens per layer and KV head "
                         "fills (dms_runtime.retrofit.deferred; it holds what the policies hold), with DMS "
                         "itself as the row 'undeferred'")
+    p.add_argument("--defer-order", choices=DeferredAttention.ORDERS, default="oldest",
+                   help="with --defer: which marked keys leave the pool first: the oldest (the runtime's rule) or "
+                        "those the adapter is surest of (the largest eviction logit)")
     p.add_argument("--against", type=Path, nargs="+", metavar="JSON",
                    help="with --defer: the policies' per-text gaps from --json files of earlier runs without it over "
                         "these texts (same model, length, budget), so only DMS is scored here")
@@ -327,6 +333,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--blocks: expected lengths >= 1, got {blocks}")
     if a.defer and a.budget is None:
         raise SystemExit("--budget: expected the pool's size with --defer (KV tokens per layer and KV head)")
+    if a.defer_order != "oldest" and not a.defer:
+        raise SystemExit("--defer-order: expected --defer with it")
     earlier = []
     if a.against:
         if not a.defer:
@@ -342,6 +350,7 @@ def main(argv=None) -> None:
 
     def result(budget, peak, per) -> dict:
         res = {"model": a.model, "length": a.length, "skip": a.skip, "sequences": len(per["dms"]), "defer": a.defer,
+               **({"defer_order": a.defer_order} if a.defer and a.defer_order != "oldest" else {}),
                "budget": budget, "held_fraction": peak, "rows": gaps(per, blocks, budget)}
         for r in res["rows"]:  # deferred runs: K/V read / dense attention's, each text
             if r["method"] in reads:
@@ -357,7 +366,8 @@ def main(argv=None) -> None:
             earlier_gaps(earlier, a.model, a.length, a.budget, a.skip, a.sequences)
         except (KeyError, ValueError) as e:
             raise SystemExit(f"--against: {e}")
-    res = result(*score(lm, a.length, a.sequences, a.policy, a.skip, a.budget, each=save, defer=a.defer, reads=reads))
+    res = result(*score(lm, a.length, a.sequences, a.policy, a.skip, a.budget, each=save, defer=a.defer, reads=reads,
+                         order=a.defer_order))
     show(res)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")

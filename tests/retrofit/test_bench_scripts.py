@@ -296,6 +296,18 @@ def test_paired_gaps_deferred_against_earlier_runs_is_scoring_the_policies_again
                       (["--defer"], "--budget"),
                       (["--defer", "--budget", str(budget + 1), "--against", str(plain)], "--against: .*budget"),
                       (["--defer", "--budget", str(budget), "--skip", "2", "--against", str(plain)],
-                       "--against: no .* for every text 2..3")):
+                       "--against: no .* for every text 2..3"),
+                      (["--defer-order", "logit"], "--defer-order: expected --defer")):
         with pytest.raises(SystemExit, match=name):
             bench("paired_gaps").main(common + ["--sequences", "2"] + bad)
+    # the pool dropping the marks the adapter is surest of first: recorded, scored, never merged with the oldest-first
+    by_logit = tmp_path / "o.json"
+    bench("paired_gaps").main(deferred + ["--defer-order", "logit", "--against", str(plain), "--json", str(by_logit)])
+    three = json.loads(by_logit.read_text())
+    assert three["defer_order"] == "logit" and "defer_order" not in two
+    rows3 = {r["method"]: r for r in three["rows"]}
+    assert rows3["undeferred"]["kl_by_text"] == pytest.approx(mine["undeferred"]["kl_by_text"], abs=1e-6)
+    assert rows3["dms"]["kl_by_text"] != pytest.approx(mine["dms"]["kl_by_text"], abs=1e-6)
+    assert bench("paired_gaps").merge([three])["defer_order"] == "logit"
+    with pytest.raises(ValueError, match="budget"):
+        bench("paired_gaps").merge([two, three | {"skip": 3}])

@@ -1,5 +1,6 @@
 """DMS with deferred eviction against a token-by-token re-implementation with a plain queue."""
 
+import heapq
 from collections import deque
 
 import pytest
@@ -14,23 +15,38 @@ from dms_runtime.retrofit.evaluate import fidelity
 class StepByStep:
     """One position per forward pass. A held flag per (layer, KV head, key); each key's mark, once known,
     joins one queue in (position, layer, KV head) order; after each position the oldest marked keys out
-    of the window leave while the cache holds more than ``pool`` tokens."""
+    of the window leave while the cache holds more than ``pool`` tokens. ``by_logit``: those out of the
+    window wait in a heap instead, and the one with the largest eviction logit leaves first."""
 
-    def __init__(self, window, pool, layers, kv_heads, length, drop_at=None):
+    def __init__(self, window, pool, layers, kv_heads, length, drop_at=None, by_logit=False):
         self.w, self.pool = window, pool
         self.drop_at = drop_at  # positions before which keys may leave (default: every position)
         self.held = torch.zeros((layers, kv_heads, length), dtype=torch.bool)
         self.k, self.v, self.logit = [[] for _ in range(layers)], [[] for _ in range(layers)], [[] for _ in range(layers)]
         self.queue = deque()
+        self.by_logit, self.heap = by_logit, []
         self.held_after = []
+
+    def drop(self, i):
+        """The pool's evictions after position ``i - 1``."""
+        if self.drop_at is not None and i not in self.drop_at:
+            return
+        if self.by_logit:
+            while self.queue and self.queue[0][0] <= i - 1 - self.w:
+                j, lay, h = self.queue.popleft()
+                heapq.heappush(self.heap, (-float(self.logit[lay][j + 1][h]), j, lay, h))
+            while self.held.sum() > self.pool and self.heap:
+                _, j, lay, h = heapq.heappop(self.heap)
+                self.held[lay, h, j] = False
+            return
+        while self.held.sum() > self.pool and self.queue and self.queue[0][0] <= i - 1 - self.w:
+            j, lay, h = self.queue.popleft()
+            self.held[lay, h, j] = False
 
     def attend(self, layer, q, k, v, logits):
         i = len(self.k[layer])
         if layer == 0 and i:  # the cache after position i - 1, before position i is appended
-            while (self.drop_at is None or i in self.drop_at) and self.held.sum() > self.pool and self.queue \
-                    and self.queue[0][0] <= i - 1 - self.w:
-                j, lay, h = self.queue.popleft()
-                self.held[lay, h, j] = False
+            self.drop(i)
             self.held_after.append(int(self.held.sum()))
         self.k[layer].append(k[0, :, 0])
         self.v[layer].append(v[0, :, 0])
@@ -51,16 +67,15 @@ class StepByStep:
         return out
 
 
-def step_by_step(lm, ids, window, pool, drop_at=None):
+def step_by_step(lm, ids, window, pool, drop_at=None, by_logit=False):
     cfg = lm.config
-    ref = StepByStep(window, pool, cfg.num_layers, cfg.num_kv_heads, len(ids), drop_at)
+    ref = StepByStep(window, pool, cfg.num_layers, cfg.num_kv_heads, len(ids), drop_at, by_logit)
     with torch.inference_mode():
         out = [lm.model(torch.tensor([[x]]), torch.tensor([[p]]), ref) for p, x in enumerate(ids)]
-    while ref.held.sum() > pool and ref.queue and ref.queue[0][0] <= len(ids) - 1 - window:  # after the last
-        j, lay, h = ref.queue.popleft()
-        ref.held[lay, h, j] = False
+    ref.drop_at = None
+    ref.drop(len(ids))  # after the last position
     ref.held_after.append(int(ref.held.sum()))
-    return torch.cat(out, 1), ref.held_after
+    return torch.cat(out, 1), ref
 
 
 def model(tiny_with_tokenizer, window):
@@ -76,28 +91,46 @@ def test_deferred_matches_token_by_token(tiny_with_tokenizer, window, length, po
     ids = torch.randint(0, 1000, (length,)).tolist()
     pool = int(pool_share * length * lists)
     got, backend = deferred_forward(lm.model, ids, window, pool)
-    want, held = step_by_step(lm, ids, window, pool)
+    want, ref = step_by_step(lm, ids, window, pool)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
-    assert backend.held_over_time.tolist() == held
+    assert backend.held_over_time.tolist() == ref.held_after
+
+
+@pytest.mark.parametrize("window,length", [(3, 1), (3, 4), (4, 29), (1, 13)])
+@pytest.mark.parametrize("pool_share", [0.0, 0.3, 0.6])
+def test_logit_order_matches_token_by_token(tiny_with_tokenizer, window, length, pool_share):
+    """order="logit": the marked key the adapter is surest of leaves first; the same count held."""
+    lm = model(tiny_with_tokenizer, window)
+    lists = lm.config.num_layers * lm.config.num_kv_heads
+    ids = torch.randint(0, 1000, (length,)).tolist()
+    pool = int(pool_share * length * lists)
+    got, backend = deferred_forward(lm.model, ids, window, pool, order="logit")
+    want, ref = step_by_step(lm, ids, window, pool, by_logit=True)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert backend.held_over_time.tolist() == ref.held_after
+    if length == 29 and pool_share == 0.3:  # other keys leave than by age: the test can fail
+        oldest, _ = deferred_forward(lm.model, ids, window, pool)
+        assert not torch.allclose(oldest, got, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("steps", [[13], [5, 8], [2, 9, 1, 1], [1] * 13])
 @pytest.mark.parametrize("pool_share", [0.2, 0.5])
-def test_per_step_evicts_only_between_passes(tiny_with_tokenizer, steps, pool_share):
+@pytest.mark.parametrize("order", ["oldest", "logit"])
+def test_per_step_evicts_only_between_passes(tiny_with_tokenizer, steps, pool_share, order):
     """The paged runtime's rule: a pass of any length sees what was held before it and all of its own
     chunk; the pool's evictions happen between passes (one position per pass: the rule per position)."""
     lm = model(tiny_with_tokenizer, 3)
     lists = lm.config.num_layers * lm.config.num_kv_heads
     ids = torch.randint(0, 1000, (13,)).tolist()
     pool = int(pool_share * 13 * lists)
-    got, backend = deferred_forward(lm.model, ids, 3, pool, steps=steps)
+    got, backend = deferred_forward(lm.model, ids, 3, pool, steps=steps, order=order)
     bounds = {sum(steps[:k]) for k in range(1, len(steps))}
-    want, held = step_by_step(lm, ids, 3, pool, drop_at=bounds)
+    want, ref = step_by_step(lm, ids, 3, pool, drop_at=bounds, by_logit=order == "logit")
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     # after the last pass the pool's rule applies again, so the count matches the per-position one
-    assert int(backend.held_over_time[-1]) == held[-1]
+    assert int(backend.held_over_time[-1]) == ref.held_after[-1]
     if len(steps) > 1:  # evicting per position instead gives other logits: the test can fail
-        per_position, _ = deferred_forward(lm.model, ids, 3, pool)
+        per_position, _ = deferred_forward(lm.model, ids, 3, pool, order=order)
         assert not torch.allclose(per_position, got, atol=2e-4, rtol=1e-4) or steps == [1] * 13
 
 
@@ -141,6 +174,8 @@ def test_bad_arguments_are_refused(tiny_with_tokenizer):
         DeferredAttention(4, -1, 2, 2)
     with pytest.raises(ValueError, match="window"):
         DeferredAttention(0, 5, 2, 2)
+    with pytest.raises(ValueError, match="order"):
+        DeferredAttention(4, 5, 2, 2, order="newest")
     lm = model(tiny_with_tokenizer, 4)
     backend = DeferredAttention(4, 5, lm.config.num_layers, lm.config.num_kv_heads)
     with pytest.raises(ValueError, match="chunk"):

@@ -45,10 +45,15 @@ class DeferredAttention:
     position, over all lists (the measure of ``evaluate.fidelity``); ``reads``: K/V tokens read by all
     queries."""
 
-    def __init__(self, window: int, pool: int, layers: int, kv_heads: int, per_step: bool = False):
+    ORDERS = ("oldest", "logit")
+
+    def __init__(self, window: int, pool: int, layers: int, kv_heads: int, per_step: bool = False,
+                 order: str = "oldest"):
         if not isinstance(per_step, bool):
             raise ValueError(f"per_step: expected a bool, got {per_step!r}")
-        self.per_step = per_step
+        if order not in self.ORDERS:
+            raise ValueError(f"order: expected one of {self.ORDERS}, got {order!r}")
+        self.per_step, self.order = per_step, order
         for name, value, low in (("window", window, 1), ("pool", pool, 0), ("layers", layers, 1),
                                  ("kv_heads", kv_heads, 1)):
             if not isinstance(value, int) or value < low:
@@ -59,6 +64,11 @@ class DeferredAttention:
         self.logits: list[torch.Tensor | None] = [None] * layers  # [Hkv, T]
         self.reads = 0
         self._plan = None  # (first position of the chunk, marked [L, Hkv, a], rank [L, Hkv, a], gone [n])
+        # order="logit": each marked key's drop time (the position after which it left; -1: held), and
+        # the heap of marked keys out of the window still held, with the last position decided
+        self._dropped = torch.zeros((layers, kv_heads, 0), dtype=torch.long)
+        self._heap: list = []
+        self._decided = -1
 
     @property
     def lists(self) -> int:
@@ -95,7 +105,41 @@ class DeferredAttention:
             marked = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.bool)
             rank = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.long)
         before = torch.full((n,), start) if self.per_step else torch.arange(start, start + n)
+        if self.order == "logit":
+            self._drop_by_logit(marked, int(before[-1]) - 1)
+            # a key is gone for query i once it was dropped after a position before i
+            rank = self._dropped[..., :start]
+            self._plan = (start, marked & (rank >= 0), rank, before - 1)
+            return
         self._plan = (start, marked, rank, self.gone_counts(marked, before - 1))
+
+    def _drop_by_logit(self, marked: torch.Tensor, upto: int) -> None:
+        """``order="logit"``: decide the drops after positions up to ``upto``: after position ``t`` the marked
+        keys at ``t - w`` join the candidates, and the ``E(t)`` count is reached by dropping the candidates
+        the adapter is surest of (largest eviction logit; ties: oldest, then layer, then KV head)."""
+        import heapq
+
+        length = marked.shape[-1]
+        grown = torch.full((self.layers, self.kv_heads, length), -1, dtype=torch.long)
+        grown[..., :self._dropped.shape[-1]] = self._dropped
+        self._dropped = grown
+        if upto <= self._decided:
+            return
+        t = torch.arange(self._decided + 1, upto + 1)
+        counts = self.gone_counts(marked, t).tolist()
+        done = int(self._dropped.ge(0).sum())
+        # key j's logit is at j + 1 (none before the first chunk: no key has a mark yet)
+        scores = torch.stack([lg[:, 1:length + 1] for lg in self.logits]) if length else None
+        for pos, target in zip(t.tolist(), counts):
+            j = pos - self.window
+            if j >= 0:
+                for layer, head in marked[:, :, j].nonzero().tolist():
+                    heapq.heappush(self._heap, (-float(scores[layer, head, j]), j, layer, head))
+            while done < target:
+                _, key, layer, head = heapq.heappop(self._heap)
+                self._dropped[layer, head, key] = pos
+                done += 1
+        self._decided = upto
 
     def attend(self, layer, q, k, v, logits):
         b, hq, n, d = q.shape
@@ -114,8 +158,13 @@ class DeferredAttention:
         j = torch.arange(total)[None]
         mask = (j <= i).expand(hkv, n, total).clone()  # [Hkv, n, total]
         # a marked key before the chunk is gone for query i if it left the window and E(i - 1) keys precede it
-        old = marked[layer][:, None, :] & (rank[layer][:, None, :] < gone[None, :, None]) \
-            & (i - j[:, :start] > self.window)[None]
+        # (order "logit": if it was dropped after position i - 1 or before)
+        if self.order == "logit":
+            old = marked[layer][:, None, :] & (rank[layer][:, None, :] <= gone[None, :, None]) \
+                & (i - j[:, :start] > self.window)[None]
+        else:
+            old = marked[layer][:, None, :] & (rank[layer][:, None, :] < gone[None, :, None]) \
+                & (i - j[:, :start] > self.window)[None]
         mask[:, :, :start] &= ~old
         self.reads += int(mask.sum())
         qg = q[0].view(hkv, hq // hkv, n, d)
@@ -133,15 +182,16 @@ class DeferredAttention:
 
 
 @torch.inference_mode()
-def deferred_forward(model, ids: list[int], window: int, pool: int,
-                     steps: list[int] | None = None) -> tuple[torch.Tensor, DeferredAttention]:
+def deferred_forward(model, ids: list[int], window: int, pool: int, steps: list[int] | None = None,
+                     order: str = "oldest") -> tuple[torch.Tensor, DeferredAttention]:
     """Teacher-forced logits ``[1, T, V]`` of token ids ``ids`` (positions from 0) under
     :class:`DeferredAttention` with ``pool`` tokens, in chunks of ``window`` positions; and the backend.
     ``steps``: the lengths of the passes instead, with the pool's evictions between them (``per_step``)."""
     cfg = model.config
     if steps is not None and (not all(isinstance(n, int) and n >= 1 for n in steps) or sum(steps) != len(ids)):
         raise ValueError(f"steps: expected positive lengths adding up to {len(ids)} positions, got {steps!r}")
-    backend = DeferredAttention(window, pool, cfg.num_layers, cfg.num_kv_heads, per_step=steps is not None)
+    backend = DeferredAttention(window, pool, cfg.num_layers, cfg.num_kv_heads, per_step=steps is not None,
+                                order=order)
     if steps is None:
         steps = [min(window, len(ids) - a) for a in range(0, len(ids), window)]
     t = torch.tensor([ids], device=model.device)
