@@ -8,7 +8,10 @@ A file given as ``FILE=NAME`` has its model renamed NAME in every row (a run of 
 setting, e.g. `--dms-window 256`, made before `dms eval` put the window in the name). A ``.jsonl`` file
 is one completed run of bench/retrieval_cases.py (one method, case by case, at 4K-8K where `dms eval`
 takes too long): it becomes that method's retrieval row, informative where vanilla's cases (its own
-file, or a `dms eval` output) reach the calibration threshold.
+file, or a `dms eval` output) reach the calibration threshold; a run with a budget and method "dms" is
+deferred DMS (`--method dms --budget F`), the row "dms-deferred". A ``.json`` file of bench/paired_gaps.py
+(one run or a merge) gives its rows over all its texts: in a `--defer` run "dms" is "dms-deferred" (held:
+the run's peak) and "undeferred" is DMS; the policies hold their budget.
 Fidelity rows (KL, greedy agreement, KV held and read) are taken from the first file that has them
 for a (method, model, length); each method's retrieval accuracy is recomputed over every file's
 retrieval rows: the mean over the tasks where vanilla is informative at that length.
@@ -22,9 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from dms_runtime.retrofit.cli import model_label, plot_pareto
-from dms_runtime.retrofit.evaluate import CALIBRATION, MethodRow, RetrievalRow, mean_informative
+from dms_runtime.retrofit.evaluate import CALIBRATION, DEFERRED, MethodRow, RetrievalRow, mean_informative
 
-NAMES = {"vanilla": "vanilla", "dms": "DMS", "streaming": "StreamingLLM", "tova": "TOVA", "h2o": "H2O", "quest": "Quest"}
+NAMES = {"vanilla": "vanilla", "dms": "DMS", "dms-deferred": "DMS deferred", "streaming": "StreamingLLM", "tova": "TOVA",
+         "h2o": "H2O", "quest": "Quest"}
 
 
 # what names one run of bench/retrieval_cases.py: every line of its file carries these
@@ -45,11 +49,28 @@ def cases_row(path: Path, rename: str = "") -> RetrievalRow:
         raise SystemExit(f"{path}: {len(lines)} of {run['cases']} cases written; finish the run "
                          f"(bench/retrieval_cases.py resumes it) or leave the file out")
     acc = sum(r["correct"] for r in lines) / len(lines)
-    return RetrievalRow(method=run["method"], model=rename or model_label(run["model"], run["dms_window"], run["dms_sinks"],
+    method = DEFERRED if run["method"] == "dms" and run["budget"] is not None else run["method"]
+    return RetrievalRow(method=method, model=rename or model_label(run["model"], run["dms_window"], run["dms_sinks"],
                                                                   run["dms_offset"]),
                         task=run["task"], length=run["length"], cases=len(lines), accuracy=acc,
                         vanilla_accuracy=acc if run["method"] == "vanilla" else float("nan"), informative=False,
                         budget_fraction=run["budget"], held_fraction=sum(r["held"] for r in lines) / len(lines))
+
+
+def gaps_rows(out: dict, rename: str = "") -> list[MethodRow]:
+    """A bench/paired_gaps.py output's rows (means over its texts). Held: a policy its budget, DMS (a run
+    without --defer) or deferred DMS the run's peak; a deferred run's "undeferred" DMS is left out (its peak
+    is not recorded there). Read: None where the run did not record it (runs before it did)."""
+    length, budget, model, defer = out["length"], out["budget"], rename or out["model"], out.get("defer", False)
+    rows = []
+    for r in out["rows"]:
+        if r["method"] == "undeferred":
+            continue
+        method = DEFERRED if r["method"] == "dms" and defer else r["method"]
+        dms = method in ("dms", DEFERRED)
+        rows.append(MethodRow(method, model, length, None if dms else budget, r["kl_per_token"], r["greedy_agreement"],
+                              out["held_fraction"] if dms else budget / length, r.get("read_fraction")))
+    return rows
 
 
 def merge(paths: list[Path | str]) -> tuple[list[MethodRow], list[RetrievalRow]]:
@@ -66,6 +87,10 @@ def merge(paths: list[Path | str]) -> tuple[list[MethodRow], list[RetrievalRow]]
                 retrieval.setdefault(("vanilla", "", row.task, row.length), replace(row, informative=row.accuracy >= CALIBRATION))
             continue
         out = json.loads(path.read_text())
+        if isinstance(out, dict) and "rows" in out and "budget" in out:
+            for row in gaps_rows(out, rename):
+                methods.setdefault((row.method, row.model, row.length), row)
+            continue
         if not isinstance(out, dict) or "methods" not in out:
             raise SystemExit(f"{path}: expected the output of `dms eval --json` with methods rows")
         if rename:
@@ -91,6 +116,10 @@ def merge(paths: list[Path | str]) -> tuple[list[MethodRow], list[RetrievalRow]]
     return mrows, rrows
 
 
+def _frac(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -102,7 +131,7 @@ def markdown(mrows: list[MethodRow], rrows: list[RetrievalRow]) -> str:
     for m in sorted(mrows, key=lambda m: (m.length, m.model, m.method != "vanilla", m.method != "dms")):
         gap = "-" if m.agreement_gap is None else "{:+.2f} [{:+.2f}, {:+.2f}]".format(*(100 * g for g in m.agreement_gap))
         lines.append(f"| {m.length} | {NAMES.get(m.method, m.method)} | {m.model if m.method != 'vanilla' else ''} | "
-                     f"{m.held_fraction:.3f} | {m.read_fraction:.3f} | {m.kl_per_token:.3f} | "
+                     f"{m.held_fraction:.3f} | {_frac(m.read_fraction)} | {m.kl_per_token:.3f} | "
                      f"{100 * m.greedy_agreement:.1f}% | {_pct(m.retrieval_accuracy)} | {gap} |")
     lines += ["", "| task | length | cases | method | model | accuracy | vanilla | informative | KV held |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

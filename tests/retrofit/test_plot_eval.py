@@ -96,3 +96,33 @@ def test_case_by_case_runs_become_retrieval_rows(tmp_path):
     assert run.returncode != 0 and "mixed.jsonl: line 3 is case 2 of another run" in run.stderr
     run = subprocess.run(script + [files[0], files[2]], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "dms.jsonl: no vanilla accuracy on passkey at 64" in run.stderr
+
+
+def test_paired_gaps_runs_and_deferred_cases_become_rows(tmp_path):
+    """A bench/paired_gaps.py file: a --defer run gives the dms-deferred row (held: its peak), leaves its
+    undeferred DMS out, and the policies hold their budget; a retrieval run of DMS with a budget is deferred."""
+    def row(method, kl, read=None):
+        return {"method": method, "kl_per_token": kl, "greedy_agreement": 1 - kl, "kl_by_text": [kl],
+                **({} if read is None else {"read_fraction": read})}
+
+    deferred = {"model": "m", "length": 64, "sequences": 3, "defer": True, "budget": 16, "held_fraction": 0.27,
+                "rows": [row("dms", 0.03, 0.4), row("undeferred", 0.05, 0.2), row("h2o", 0.09, 0.4)]}
+    plain = {"model": "m", "length": 128, "sequences": 3, "budget": 24, "held_fraction": 0.19,
+             "rows": [row("dms", 0.04, 0.15), row("tova", 0.1)]}
+    (tmp_path / "d.json").write_text(json.dumps(deferred))
+    (tmp_path / "p.json").write_text(json.dumps(plain))
+    _cases(tmp_path / "van.jsonl", "vanilla", [1, 1, 1, 1, 1], held=1.0)
+    _cases(tmp_path / "def.jsonl", "dms", [1, 1, 1, 1, 0], budget=0.25, held=0.25)
+    plot = tmp_path / "p.png"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_eval.py"), f"{tmp_path / 'd.json'}=cr8",
+                          str(tmp_path / "p.json"), str(tmp_path / "van.jsonl"), f"{tmp_path / 'def.jsonl'}=cr8",
+                          "--plot", str(plot)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "| 64 | DMS deferred | cr8 | 0.270 | 0.400 | 0.030 | 97.0% | 80% | - |" in lines
+    assert "| 64 | H2O | cr8 | 0.250 | 0.400 | 0.090 | 91.0% | - | - |" in lines
+    assert not any("| 64 | DMS | cr8 |" in x for x in lines)  # undeferred: its peak is not in the file
+    assert "| 128 | DMS | m | 0.190 | 0.150 | 0.040 | 96.0% | - | - |" in lines
+    assert "| 128 | TOVA | m | 0.188 | - | 0.100 | 90.0% | - | - |" in lines  # reads not recorded
+    assert "| passkey | 64 | 5 | DMS deferred | cr8 | 80% | 100% | yes | 0.250 |" in lines
+    assert plot.read_bytes()[:4] == b"\x89PNG"

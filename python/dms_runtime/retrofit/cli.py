@@ -182,7 +182,8 @@ def plot_pareto(rows, path) -> None:
             ax = axes[row][col]
             labelled = set()
             for (method, length), rs in series.items():
-                rs = sorted((r for r in rs if getattr(r, metric) is not None), key=lambda r: getattr(r, key))
+                rs = sorted((r for r in rs if getattr(r, metric) is not None and getattr(r, key) is not None),
+                            key=lambda r: getattr(r, key))
                 if not rs:
                     continue
                 name = _NAMES.get(method, method)

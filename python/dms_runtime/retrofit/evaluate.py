@@ -234,7 +234,7 @@ class MethodRow:
     kl_per_token: float
     greedy_agreement: float
     held_fraction: float  # the most KV tokens held at any step / a dense cache at the end
-    read_fraction: float  # K/V tokens read by all queries / dense
+    read_fraction: float | None  # K/V tokens read by all queries / dense (None: not recorded)
     passkey_accuracy: float | None = None  # teacher-forced exact answers
     retrieval_accuracy: float | None = None  # greedy generation, mean over the tasks where vanilla is informative
     # a policy's [gap, low, high] to DMS on the same positions (policy - DMS, 95% interval; paired_gap)
