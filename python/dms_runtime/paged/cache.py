@@ -93,7 +93,8 @@ class PagedKVCache:
     seq_len         [max_seqs]          int64, positions processed by each slot
 
     deferring (``defers``): ring_mark ``[NL, w]`` bool takes the decisions (ring_evict stays keep) and
-    marked_pos ``[(P + 1) * page_size]`` int32 the position of each marked token in a kept store (-1: kept).
+    marked_pos ``[(P + 1) * page_size]`` int32 the position of each marked token in a kept store (-1: kept);
+    scan_from ``[NL]`` int64 a kept index per list below which no token is marked (where the drops scan).
     """
 
     def __init__(self, cfg: ModelConfig, pcfg: PagedConfig, dtype: torch.dtype, device, max_model_len: int):
@@ -147,6 +148,8 @@ class PagedKVCache:
         self.ring_mark = torch.zeros_like(self.ring_evict) if self.defers else self.ring_evict
         self.marked_pos = (torch.full(((self.P + 1) * self.ps,), -1, dtype=torch.int32, device=dev)
                            if self.defers else None)
+        # deferring: per list, the kept index below which no token is marked (the drops scan from it)
+        self.scan_from = torch.zeros(self.NL, dtype=torch.int64, device=dev) if self.defers else None
         self.kept_bound = [0] * self.max_seqs  # host: no list of the slot holds more kept tokens
         self.peak_pages = 0
         self._heads = torch.arange(self.H, device=dev)
@@ -156,7 +159,7 @@ class PagedKVCache:
         pool = 2 * (self.P + 1) * self.ps * self.D * self.dtype.itemsize + self.P * (4 + 8)
         tables = self.NL * ((self.R + self.K) * 8 + 8 + self.w) + self.max_seqs * 8
         if self.defers:
-            tables += self.NL * self.w + (self.P + 1) * self.ps * 4
+            tables += self.NL * (self.w + 8) + (self.P + 1) * self.ps * 4
         return pool + tables
 
     # ------------------------------------------------------------------ addressing
@@ -264,7 +267,8 @@ class PagedKVCache:
         """Deferring, after a step's last layer: every sequence of the step that holds more than its
         pool loses its oldest marked keys (position, then layer, then KV head), as many as it holds
         over the pool or as it has; each list fills the holes with its own last kept-store tokens.
-        Work in the tokens held (the kept stores flattened), a few syncs."""
+        Work in the tokens each list holds from ``scan_from`` on (no marked token sits below it), a
+        few syncs; none past the first where no sequence holds more than its pool."""
         n_lists = self.L * self.H
         ends = [s + n for s, n in zip(plan.starts_host, plan.n_new_host)]
         if all(e * n_lists <= self.pool_tokens for e in ends):
@@ -272,18 +276,20 @@ class PagedKVCache:
         dev, ps, bsz = self.device, self.ps, plan.batch
         lists = plan.lists.permute(1, 0, 2).reshape(-1)  # row r = b * N + (layer, KV head)
         kept = self.kept_len[lists]
-        total = int(kept.sum())
-        if total == 0:
+        held = torch.clamp(plan.starts + plan.n_new, max=self.w) * n_lists + kept.view(bsz, n_lists).sum(1)
+        first = self.scan_from[lists]
+        span = kept - first  # the tokens that may be marked
+        total, over = torch.stack([span.sum(), (held > self.pool_tokens).sum()]).tolist()
+        if total == 0 or over == 0:
             return
         rows = torch.arange(bsz * n_lists, device=dev)
-        row = torch.repeat_interleave(rows, kept, output_size=total)  # every kept token's row, in order
-        idx = torch.arange(total, device=dev) - (torch.cumsum(kept, 0) - kept)[row]  # its kept index
+        row = torch.repeat_interleave(rows, span, output_size=total)  # every scanned token's row, in order
+        idx = first[row] + torch.arange(total, device=dev) - (torch.cumsum(span, 0) - span)[row]  # its kept index
         flat = self.page_table[lists[row], self.R + idx // ps] * ps + idx % ps
         pos = self.marked_pos[flat].long()
         seq = row // n_lists
         marked = (pos >= 0).nonzero().squeeze(1)
         n_marked = torch.bincount(seq[marked], minlength=bsz)
-        held = torch.clamp(plan.starts + plan.n_new, max=self.w) * n_lists + kept.view(bsz, n_lists).sum(1)
         n_drop = torch.minimum(held - self.pool_tokens, n_marked).clamp(min=0)  # [B]
         # the marked tokens of all sequences in (sequence, position, layer, KV head) order
         key = (seq[marked] * self.max_model_len + pos[marked]) * n_lists + row[marked] % n_lists
@@ -291,18 +297,20 @@ class PagedKVCache:
         owner = seq[marked][order]
         in_seq = torch.arange(order.numel(), device=dev) - (torch.cumsum(n_marked, 0) - n_marked)[owner]
         gone = marked[order[in_seq < n_drop[owner]]]
-        if gone.numel() == 0:
-            return
         drop = torch.zeros(total, dtype=torch.bool, device=dev)
         drop[gone] = True
         left = kept - torch.bincount(row[gone], minlength=bsz * n_lists)
         # a list has as many holes below its new end as surviving tokens at or past it; both come in
         # (row, index) order, so the i-th hole takes the i-th such token
-        dest = flat[drop & (idx < left[row])]
+        hole = drop & (idx < left[row])
+        dest = flat[hole]
         src = flat[~drop & (idx >= left[row])]
         for store in (self.k_pool.view(-1, self.D), self.v_pool.view(-1, self.D), self.marked_pos):
             store[dest] = store[src]
         self.kept_len[lists] = left
+        # from now on no marked token sits below the first hole or the first marked token that stays
+        stays = hole | ((pos >= 0) & ~drop & (idx < left[row]))
+        self.scan_from[lists] = left.scatter_reduce(0, row[stays], idx[stays], "amin")
 
     # ------------------------------------------------------------------ per layer (no host work)
 
@@ -388,6 +396,8 @@ class PagedKVCache:
         self.kept_len[rows] = 0
         self.ring_evict[rows] = False
         self.ring_mark[rows] = False
+        if self.defers:
+            self.scan_from[rows] = 0
         self.seq_len[slot] = 0
         self.kept_bound[slot] = 0
 
@@ -432,6 +442,7 @@ class PagedKVCache:
             marks = self.marked_pos.view(self.P + 1, ps)
             marks[new] = marks[old]
             self.ring_mark[dst] = self.ring_mark[src]
+            self.scan_from[dst] = self.scan_from[src]
         self.kept_len[dst] = kept
         self.ring_evict[dst] = self.ring_evict[src]
         self.seq_len[child] = self.seq_len[parent]
