@@ -156,6 +156,9 @@ def earlier_gaps(earlier: list[dict], model: str, length: int, budget: int, firs
     return out, dms_kl
 
 
+AGAINST_TOLERANCE = 1e-4  # DMS scored here and in the earlier runs: the same up to float noise
+
+
 def against(res: dict, earlier: list[dict]) -> dict:
     """``res`` (a deferred run: "dms" deferred, "undeferred" DMS itself) with each policy of ``earlier``
     (:func:`earlier_gaps`) as a row: its gap to the deferred DMS on each text is its gap to DMS there plus
@@ -169,6 +172,9 @@ def against(res: dict, earlier: list[dict]) -> dict:
     base, shift = rows["dms"], rows["undeferred"]
     check = max((abs(dms_kl[first + k] - v) for k, v in enumerate(shift["kl_by_text"]) if first + k in dms_kl),
                 default=0.0)
+    if check > AGAINST_TOLERANCE:  # another model or setting (--dms-offset ...): the earlier gaps do not apply
+        raise ValueError(f"expected runs of this model with these settings: DMS's per-text KL here differs from "
+                         f"theirs by up to {check:.2e} (more than {AGAINST_TOLERANCE:.0e})")
     out = list(res["rows"])
     for policy, by in found.items():
         row = {"method": policy}
@@ -366,8 +372,13 @@ def main(argv=None) -> None:
             earlier_gaps(earlier, a.model, a.length, a.budget, a.skip, a.sequences)
         except (KeyError, ValueError) as e:
             raise SystemExit(f"--against: {e}")
-    res = result(*score(lm, a.length, a.sequences, a.policy, a.skip, a.budget, each=save, defer=a.defer, reads=reads,
-                         order=a.defer_order))
+    try:
+        res = result(*score(lm, a.length, a.sequences, a.policy, a.skip, a.budget, each=save, defer=a.defer,
+                            reads=reads, order=a.defer_order))
+    except ValueError as e:
+        if not earlier:
+            raise
+        raise SystemExit(f"--against: {e}")
     show(res)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -297,7 +297,9 @@ def test_paired_gaps_deferred_against_earlier_runs_is_scoring_the_policies_again
                       (["--defer", "--budget", str(budget + 1), "--against", str(plain)], "--against: .*budget"),
                       (["--defer", "--budget", str(budget), "--skip", "2", "--against", str(plain)],
                        "--against: no .* for every text 2..3"),
-                      (["--defer-order", "logit"], "--defer-order: expected --defer")):
+                      (["--defer-order", "logit"], "--defer-order: expected --defer"),
+                      (["--defer", "--budget", str(budget), "--against", str(plain), "--dms-offset", "50"],
+                       "--against: expected runs of this model with these settings")):
         with pytest.raises(SystemExit, match=name):
             bench("paired_gaps").main(common + ["--sequences", "2"] + bad)
     # the pool dropping the marks the adapter is surest of first: recorded, scored, never merged with the oldest-first
