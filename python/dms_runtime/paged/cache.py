@@ -328,31 +328,27 @@ class PagedKVCache:
         (-1 if kept) in ``marked_pos``, and the new tokens that stay in the ring their marks in
         ``ring_mark``. lists/kept0 ``[B, H]``, new_mark ``[B, H, T]`` bool."""
         b, h, t = new_mark.shape
-        w, ps = self.w, self.ps
-        pos = plan.exit_pos[:, None, :].expand(b, h, -1)  # [B, H, E]
-        if pos.shape[-1]:
-            in_ring = pos < plan.starts[:, None, None]
-            ring = torch.gather(self.ring_mark[lists], -1, torch.remainder(pos, w))
-            new = torch.gather(new_mark, -1, (pos - plan.starts[:, None, None]).clamp(0, t - 1))
-            mark = torch.where(in_ring, ring, new)
-            dest = kept0[..., None] + torch.arange(pos.shape[-1], device=pos.device)
+        ps = self.ps
+        n_exit = plan.exit_pos.shape[-1]
+        if n_exit:
+            index = plan.exit_index[:, None, :].expand(b, h, n_exit)
+            mark = torch.where(plan.exit_in_ring[:, None, :],
+                               torch.gather(self.ring_mark[lists], -1, index.clamp(max=self.w - 1)),
+                               torch.gather(new_mark, -1, index.clamp(max=t - 1)))
+            dest = kept0[..., None] + torch.arange(n_exit, device=lists.device)
             page = torch.gather(self.page_table[lists], -1, self.R + dest // ps)
+            pos = plan.exit_pos[:, None, :]
             flat = torch.where((pos >= 0) & (page >= 0), page * ps + dest % ps, self.trash)
             self.marked_pos[flat.reshape(-1)] = torch.where(mark, pos, -1).to(torch.int32).reshape(-1)
-        _, rows, slot = self._ring_writes(plan, lists, t)
+        rows, slot = self._ring_writes(plan, lists, t)
         self.ring_mark[rows, slot] = new_mark
 
     def _ring_writes(self, plan, lists, t: int):
-        """Where a step's new tokens land in the ring: ``into_ring`` ``[B, T]`` (padding and tokens that
-        leave within the step do not), their rows ``[B, H, T]`` (the spare row ``NL`` where they do not)
-        and ring slots ``[B, H, T]``."""
+        """Where a step's new tokens land in the ring: their rows ``[B, H, T]`` (the spare row ``NL``
+        where they do not: ``plan.into_ring``) and ring slots ``[B, H, T]``."""
         b, h = lists.shape
-        a = torch.arange(t, device=lists.device)
-        new_pos = plan.starts[:, None] + a[None, :]  # [B, T]
-        ends = plan.starts + plan.n_new
-        into_ring = (a[None, :] < plan.n_new[:, None]) & (new_pos >= (ends - self.w)[:, None])
-        rows = torch.where(into_ring[:, None, :], lists[..., None], self.NL)
-        return into_ring, rows, torch.remainder(new_pos, self.w)[:, None, :].expand(b, h, t)
+        rows = torch.where(plan.into_ring[:, None, :t], lists[..., None], self.NL)
+        return rows, plan.new_slot[:, None, :t].expand(b, h, t)
 
     def leaving_kept(self, plan, lists, new_evict) -> torch.Tensor:
         """``[B, H, w + T]``: which tokens leave the window kept in this step, in position order
@@ -380,9 +376,9 @@ class PagedKVCache:
         kflat[flat.reshape(-1)] = src_k.reshape(-1, d)
         vflat[flat.reshape(-1)] = src_v.reshape(-1, d)
 
-        into_ring, rows, slot = self._ring_writes(plan, lists, t)
+        rows, slot = self._ring_writes(plan, lists, t)
         page = torch.gather(table, -1, slot // ps)
-        flat = torch.where(into_ring[:, None, :], page * ps + slot % ps, self.trash)
+        flat = torch.where(plan.into_ring[:, None, :t], page * ps + slot % ps, self.trash)
         kflat[flat.reshape(-1)] = k_new.reshape(-1, d)
         vflat[flat.reshape(-1)] = v_new.reshape(-1, d)
         self.ring_evict[rows, slot] = new_evict

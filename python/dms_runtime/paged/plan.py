@@ -35,8 +35,12 @@ class StepPlan:
     (after the step's reservation); kept0 ``[L, B, H]`` kept tokens before the step; n_ring ``[B]``
     ring tokens held before the step; ring_order ``[B, w]`` ring slots in position order (empty
     slots last); ring_leaving ``[B, w]`` (in that order) and new_leaving ``[B, T]``: tokens that
-    leave the window in this step; exit_pos ``[B, E]`` their positions, in order (-1 past a row's
-    own; E: the most of any row); tokens_read a device counter of the K/V tokens attention read.
+    leave the window in this step; into_ring ``[B, T]`` the new tokens written to the ring (padding
+    and tokens that leave within the step are not) and new_slot ``[B, T]`` their ring slots; deferring
+    only (else ``[B, 0]``): exit_pos ``[B, E]`` the positions leaving the window, in order (-1 past a
+    row's own; E: the most of any row), exit_in_ring ``[B, E]`` whether each sits in the ring (else in
+    the new chunk), exit_index ``[B, E]`` its ring slot or chunk index; tokens_read a device counter of
+    the K/V tokens attention read.
 
     Host ints: t, decode (t == 1), kept_max (no list of the step holds more kept tokens) and
     max_tokens (no list holds more tokens before the step: ring + kept).
@@ -51,6 +55,10 @@ class StepPlan:
     n_ring: torch.Tensor
     ring_order: torch.Tensor
     exit_pos: torch.Tensor
+    exit_in_ring: torch.Tensor
+    exit_index: torch.Tensor
+    into_ring: torch.Tensor
+    new_slot: torch.Tensor
     ring_leaving: torch.Tensor
     new_leaving: torch.Tensor
     tokens_read: torch.Tensor
@@ -92,15 +100,21 @@ class StepPlan:
         a = torch.arange(t, device=dev)
         new_pos = starts_t[:, None] + a[None, :]
         lo = torch.clamp(starts_t - w, min=0)
-        e = torch.arange(max(cache.budget.exits(s, n) for s, n in zip(starts, n_new)), device=dev)
+        e = torch.arange(max(cache.budget.exits(s, n) for s, n in zip(starts, n_new)) if cache.defers else 0,
+                         device=dev)
         exit_pos = torch.where(lo[:, None] + e[None, :] < torch.clamp(cut, min=0), lo[:, None] + e[None, :], -1)
+        exit_in_ring = exit_pos < starts_t[:, None]
+        exit_index = torch.where(exit_in_ring, torch.remainder(exit_pos, w),
+                                 (exit_pos - starts_t[:, None]).clamp(0, t - 1))
         kept_max = min(max(cache.kept_bound[s] for s in slots), cache.K * cache.ps)
         max_tokens = max(min(s, w) for s in starts) + kept_max
         for s, st, n in zip(slots, starts, n_new):
             cache.kept_bound[s] = cache.budget.kept_bound(st, n, cache.kept_bound[s])
         return cls(
             slots=slots_t, starts=starts_t, n_new=n_new_t, lists=lists, tables=tables, kept0=kept0,
-            n_ring=torch.clamp(starts_t, max=w), ring_order=order, exit_pos=exit_pos,
+            n_ring=torch.clamp(starts_t, max=w), ring_order=order, exit_pos=exit_pos, exit_in_ring=exit_in_ring,
+            exit_index=exit_index, into_ring=(a[None, :] < n_new_t[:, None]) & (new_pos >= cut),
+            new_slot=torch.remainder(new_pos, w),
             ring_leaving=(ring_sorted >= 0) & (ring_sorted < cut),
             new_leaving=(a[None, :] < n_new_t[:, None]) & (new_pos < cut),
             tokens_read=torch.zeros((), dtype=torch.int64, device=dev),
