@@ -159,6 +159,10 @@ def earlier_gaps(earlier: list[dict], model: str, length: int, budget: int, firs
 AGAINST_TOLERANCE = 1e-4  # DMS scored here and in the earlier runs: the same up to float noise
 
 
+class AgainstMismatch(ValueError):
+    """The earlier runs scored another DMS (model or setting) than this run."""
+
+
 def against(res: dict, earlier: list[dict]) -> dict:
     """``res`` (a deferred run: "dms" deferred, "undeferred" DMS itself) with each policy of ``earlier``
     (:func:`earlier_gaps`) as a row: its gap to the deferred DMS on each text is its gap to DMS there plus
@@ -173,7 +177,7 @@ def against(res: dict, earlier: list[dict]) -> dict:
     check = max((abs(dms_kl[first + k] - v) for k, v in enumerate(shift["kl_by_text"]) if first + k in dms_kl),
                 default=0.0)
     if check > AGAINST_TOLERANCE:  # another model or setting (--dms-offset ...): the earlier gaps do not apply
-        raise ValueError(f"expected runs of this model with these settings: DMS's per-text KL here differs from "
+        raise AgainstMismatch(f"expected runs of this model with these settings: DMS's per-text KL here differs from "
                          f"theirs by up to {check:.2e} (more than {AGAINST_TOLERANCE:.0e})")
     out = list(res["rows"])
     for policy, by in found.items():
@@ -375,9 +379,7 @@ def main(argv=None) -> None:
     try:
         res = result(*score(lm, a.length, a.sequences, a.policy, a.skip, a.budget, each=save, defer=a.defer,
                             reads=reads, order=a.defer_order))
-    except ValueError as e:
-        if not earlier:
-            raise
+    except AgainstMismatch as e:
         raise SystemExit(f"--against: {e}")
     show(res)
     if a.json:

@@ -29,6 +29,8 @@ own chunk without the window rule (one position per step in decode, so there the
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from dms_kernels import reference as ref
@@ -97,28 +99,25 @@ class DeferredAttention:
             raise ValueError(f"chunk: expected at most window={self.window} positions, got {n}")
         if start != self.length:
             raise ValueError(f"positions: expected the chunk after position {self.length - 1}, got one from {start}")
-        if start:
-            marked = self._marks(start)  # keys 0 .. start - 1; key start - 1 is inside every query's window
-            flat = marked.permute(2, 0, 1).reshape(-1).long()  # (position, layer, KV head) order
-            rank = (flat.cumsum(0) - flat).view(start, self.layers, self.kv_heads).permute(1, 2, 0)
-        else:
-            marked = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.bool)
-            rank = torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.long)
+        marked = (self._marks(start) if start  # keys 0 .. start - 1; key start - 1 is inside every query's window
+                  else torch.zeros((self.layers, self.kv_heads, 0), dtype=torch.bool))
         before = torch.full((n,), start) if self.per_step else torch.arange(start, start + n)
+        # query i sees marked key j out of its window unless rank(j) < gone(i): for "oldest", rank is the
+        # key's place in (position, layer, KV head) order and gone the count E(i - 1); for "logit", rank is
+        # the position after which the key was dropped (-1: held) and gone is i
         if self.order == "logit":
             self._drop_by_logit(marked, int(before[-1]) - 1)
-            # a key is gone for query i once it was dropped after a position before i
             rank = self._dropped[..., :start]
-            self._plan = (start, marked & (rank >= 0), rank, before - 1)
+            self._plan = (start, marked & (rank >= 0), rank, before)
             return
+        flat = marked.permute(2, 0, 1).reshape(-1).long()
+        rank = (flat.cumsum(0) - flat).view(start, self.layers, self.kv_heads).permute(1, 2, 0)
         self._plan = (start, marked, rank, self.gone_counts(marked, before - 1))
 
     def _drop_by_logit(self, marked: torch.Tensor, upto: int) -> None:
         """``order="logit"``: decide the drops after positions up to ``upto``: after position ``t`` the marked
         keys at ``t - w`` join the candidates, and the ``E(t)`` count is reached by dropping the candidates
         the adapter is surest of (largest eviction logit; ties: oldest, then layer, then KV head)."""
-        import heapq
-
         length = marked.shape[-1]
         grown = torch.full((self.layers, self.kv_heads, length), -1, dtype=torch.long)
         grown[..., :self._dropped.shape[-1]] = self._dropped
@@ -157,14 +156,9 @@ class DeferredAttention:
         i = torch.arange(start, total)[:, None]
         j = torch.arange(total)[None]
         mask = (j <= i).expand(hkv, n, total).clone()  # [Hkv, n, total]
-        # a marked key before the chunk is gone for query i if it left the window and E(i - 1) keys precede it
-        # (order "logit": if it was dropped after position i - 1 or before)
-        if self.order == "logit":
-            old = marked[layer][:, None, :] & (rank[layer][:, None, :] <= gone[None, :, None]) \
-                & (i - j[:, :start] > self.window)[None]
-        else:
-            old = marked[layer][:, None, :] & (rank[layer][:, None, :] < gone[None, :, None]) \
-                & (i - j[:, :start] > self.window)[None]
+        # a marked key before the chunk is gone for query i if it left the window and rank < gone (_plan_chunk)
+        old = marked[layer][:, None, :] & (rank[layer][:, None, :] < gone[None, :, None]) \
+            & (i - j[:, :start] > self.window)[None]
         mask[:, :, :start] &= ~old
         self.reads += int(mask.sum())
         qg = q[0].view(hkv, hq // hkv, n, d)

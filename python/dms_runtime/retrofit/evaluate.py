@@ -326,40 +326,40 @@ def compare_methods(lm, length: int, sequences: int = 1, policies=(), passkey_tr
     dense_held = length * cfg.num_kv_heads * cfg.num_layers
     dense_reads = cfg.num_layers * cfg.num_kv_heads * length * (length + 1) / 2
     lists, w = cfg.num_layers * cfg.num_kv_heads, cfg.dms.window_size
-    if defer:
-        budget = policy_budget(dms_row.peak_live_fraction, length)
+
+    def scored(method: str, budget: int, forward, passkey: float | None) -> MethodRow:
+        """``method``'s row over the texts, ``forward(ids)`` giving its logits and backend on each."""
         scores, held, reads = [], 0.0, 0.0
         for s, van in zip(seqs, vanilla):
-            logits, backend = deferred_forward(model, s, w, budget * lists)
+            logits, backend = forward(s)
             scores.append(token_scores(logits, van))
             held = max(held, backend.held_peak / dense_held)
             reads += backend.reads / dense_reads / len(seqs)
+        return MethodRow(method, label, length, budget, sum(kl.mean().item() for kl, _ in scores) / len(scores),
+                         sum(hit.mean().item() for _, hit in scores) / len(scores), held, reads, passkey,
+                         kl_gap=paired_gap([kl for kl, _ in dms_scores], [kl for kl, _ in scores]),
+                         agreement_gap=paired_gap([h for _, h in dms_scores], [h for _, h in scores]))
+
+    if defer:
+        budget = policy_budget(dms_row.peak_live_fraction, length)
         right = None
         if tasks:  # teacher-forced, each task's pool the same fraction of its own length
             right = forced_accuracy(model, tasks, forward=lambda ids: deferred_forward(
                 model, ids, w, policy_budget(dms_row.peak_live_fraction, len(ids)) * lists)[0])
-        rows.append(_scored_row(DEFERRED, label, length, budget, scores, held, reads, right, dms_scores))
+        rows.append(scored(DEFERRED, budget, lambda s: deferred_forward(model, s, w, budget * lists), right))
+
+    def policy_forward(policy: str, budget: int):
+        def forward(s):
+            backend = PolicyAttention(policy, budget)
+            return forward_ids(model, s, backend), backend
+        return forward
+
     for policy in policies:
         budget = matched_budget(policy, match, dms_row, length)
-        scores, held, reads = [], 0.0, 0.0
+        passkey = accuracy(lambda: PolicyAttention(policy, budget), evict=False)
         with torch.inference_mode(), eviction_off(model):
-            for s, van in zip(seqs, vanilla):
-                backend = PolicyAttention(policy, budget)
-                scores.append(token_scores(forward_ids(model, s, backend), van))
-                held = max(held, backend.held_peak / dense_held)
-                reads += backend.reads / dense_reads / len(seqs)
-        rows.append(_scored_row(policy, label, length, budget, scores, held, reads,
-                                accuracy(lambda: PolicyAttention(policy, budget), evict=False), dms_scores))
+            rows.append(scored(policy, budget, policy_forward(policy, budget), passkey))
     return dms_row, rows
-
-
-def _scored_row(method: str, label: str, length: int, budget: int, scores, held: float, reads: float,
-                passkey: float | None, dms_scores) -> MethodRow:
-    """A method's row from its per-text :func:`token_scores`, with its :func:`paired_gap` to DMS's."""
-    return MethodRow(method, label, length, budget, sum(kl.mean().item() for kl, _ in scores) / len(scores),
-                     sum(hit.mean().item() for _, hit in scores) / len(scores), held, reads, passkey,
-                     kl_gap=paired_gap([kl for kl, _ in dms_scores], [kl for kl, _ in scores]),
-                     agreement_gap=paired_gap([h for _, h in dms_scores], [h for _, h in scores]))
 
 
 # ---------------------------------------------------------------------------- retrieval by generation
